@@ -1,0 +1,65 @@
+# Agentsite: `make demo` shows it working; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Tests run against the real services: Postgres and Redis on this machine by default.
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentsite
+TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
+
+.PHONY: help venv demo test lint services up migrate fake-openai clean
+
+help:
+	@echo "make demo   - install, migrate, seed and run the demo agents on a real worker"
+	@echo "make test   - the whole suite against Postgres and Redis (started if installed)"
+	@echo "make lint   - ruff (lint + format check) and mypy"
+	@echo "make up     - web server, worker, beat and Flower for local use"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+migrate: venv
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --noinput -v 0
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py seed_demo
+
+demo: migrate
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py demo
+
+# Start Postgres and Redis where they are installed but not running (no-op otherwise).
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || { \
+	  echo "starting PostgreSQL"; \
+	  command -v pg_ctlcluster >/dev/null && \
+	    pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -n 1) main start; \
+	  for i in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; }
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+	  echo "starting Redis"; \
+	  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null; \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+	    --dir /var/lib/redis --logfile /var/log/redis/agentsite.log; \
+	  for i in $$(seq 30); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && break; sleep 1; done; }
+
+test: venv services
+	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	  $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals
+
+up: migrate
+	DEBUG=$${DEBUG:-1} $(BIN)/honcho start -f Procfile
+
+fake-openai: venv
+	$(BIN)/python -m agents.providers.fake_server --port 8765
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .ruff_cache .mypy_cache

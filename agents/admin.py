@@ -1,0 +1,196 @@
+"""Admin for agents (editable, versioned on save), runs and steps (read-only), providers, audit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from tools.registry import registry
+
+from . import services
+from .exceptions import RunAlreadyFinished
+from .models import Agent, AgentVersion, AuditEvent, ModelProvider, Run, Session, Step
+
+
+class ReadOnlyAdminMixin:
+    """Rows written by the engine are shown, never edited, added or deleted by hand."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def _tool_choices() -> list[tuple[str, str]]:
+    return [(name, name) for name in registry.names()]
+
+
+class AgentForm(forms.ModelForm):
+    tools = forms.MultipleChoiceField(
+        choices=_tool_choices,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="The tools this agent may call; a call to any other tool is refused.",
+    )
+
+    class Meta:
+        model = Agent
+        exclude = ["current_version"]
+
+
+class AgentVersionInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = AgentVersion
+    fields = ["number", "model_route", "tools", "max_steps", "digest", "created_at", "created_by"]
+    readonly_fields = fields
+    extra = 0
+    show_change_link = True
+    ordering = ["-number"]
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    form = AgentForm
+    list_display = ["slug", "name", "model_route", "is_active", "current_version", "updated_at"]
+    list_filter = ["is_active"]
+    search_fields = ["slug", "name", "description"]
+    prepopulated_fields = {"slug": ["name"]}
+    readonly_fields = ["current_version", "created_at", "updated_at"]
+    inlines = [AgentVersionInline]
+    fieldsets = [
+        (None, {"fields": ["slug", "name", "description", "is_active", "current_version"]}),
+        ("Model", {"fields": ["model_route", "system_prompt", "temperature", "script"]}),
+        ("Tools", {"fields": ["tools"]}),
+        (
+            "Budgets and policy",
+            {"fields": ["max_steps", "max_tokens_per_run", "escalation_policy", "output_schema"]},
+        ),
+        ("History", {"fields": ["created_at", "updated_at"]}),
+    ]
+
+    def save_model(self, request: HttpRequest, obj: Agent, form: Any, change: bool) -> None:
+        before = obj.current_version
+        services.save_agent(agent=obj, user=request.user)  # type: ignore[arg-type]
+        if obj.current_version != before and change:
+            self.message_user(
+                request,
+                f"Published {obj.current_version}; runs already started keep their version.",
+                messages.INFO,
+            )
+
+
+@admin.register(AgentVersion)
+class AgentVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["agent", "number", "model_route", "created_at", "created_by"]
+    list_filter = ["agent"]
+
+
+class StepInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = Step
+    fields = [
+        "index", "kind", "status", "model_route", "tool_name", "attempts", "latency_ms",
+        "input_tokens", "output_tokens", "error",
+    ]
+    readonly_fields = fields
+    extra = 0
+    show_change_link = True
+    ordering = ["index"]
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    list_display = [
+        "id", "agent", "status", "owner", "model_route", "input_tokens", "output_tokens",
+        "created_at", "finished_at",
+    ]
+    list_filter = ["status", "agent", "error_code", "created_at"]
+    search_fields = ["id", "trace_id", "agent__slug", "owner__username"]
+    list_select_related = ["agent", "owner"]
+    date_hierarchy = "created_at"
+    inlines = [StepInline]
+    actions = ["cancel_runs"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [f.name for f in Run._meta.fields]
+
+    @admin.action(description="Cancel the selected runs", permissions=["change"])
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        cancelled = skipped = 0
+        for run_id in queryset.values_list("pk", flat=True):
+            try:
+                services.cancel_run(run_id=run_id, user=request.user)  # type: ignore[arg-type]
+                cancelled += 1
+            except RunAlreadyFinished:
+                skipped += 1
+        self.message_user(request, f"Cancelled {cancelled} runs; {skipped} had already finished.")
+
+
+@admin.register(Step)
+class StepAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "run", "index", "kind", "status", "model_route", "tool_name", "attempts", "latency_ms",
+        "created_at",
+    ]
+    list_filter = ["kind", "status", "tool_name"]
+    search_fields = ["run__id", "tool_name", "tool_call_id"]
+
+
+@admin.register(Session)
+class SessionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["id", "agent", "owner", "created_at"]
+    list_filter = ["agent"]
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["created_at", "action", "actor_type", "actor", "run", "step_index"]
+    list_filter = ["action", "actor_type"]
+    search_fields = ["run__id", "trace_id", "actor", "action"]
+
+
+class ModelProviderForm(forms.ModelForm):
+    base_url = forms.URLField(
+        assume_scheme="https",
+        max_length=500,
+        help_text="The OpenAI-compatible API root, e.g. http://127.0.0.1:8080/v1",
+    )
+    api_key = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Write-only: stored encrypted and never shown. Leave blank to keep the current key.",
+    )
+    clear_api_key = forms.BooleanField(required=False, label="Remove the stored key")
+
+    class Meta:
+        model = ModelProvider
+        fields = ["name", "base_url", "timeout_seconds", "enabled"]
+
+
+@admin.register(ModelProvider)
+class ModelProviderAdmin(admin.ModelAdmin):
+    form = ModelProviderForm
+    list_display = ["name", "base_url", "enabled", "has_api_key", "updated_at"]
+
+    @admin.display(boolean=True, description="API key set")
+    def has_api_key(self, obj: ModelProvider) -> bool:
+        return obj.has_api_key
+
+    def save_model(self, request: HttpRequest, obj: ModelProvider, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if form.cleaned_data.get("clear_api_key"):
+            services.set_provider_api_key(provider=obj, api_key="")
+        elif form.cleaned_data.get("api_key"):
+            services.set_provider_api_key(provider=obj, api_key=form.cleaned_data["api_key"])

@@ -1,0 +1,552 @@
+"""The run engine: a state machine in Postgres, advanced one step per Celery task.
+
+Every state change is a conditional UPDATE (or happens under ``select_for_update`` on the run)
+and writes its audit event in the same transaction, so two workers can never both advance one
+run. No lock is held across a model or tool call: a step is *claimed* (status ``running``,
+``attempts`` + 1, a lease) in one short transaction, performed outside any transaction, and its
+result recorded in another, conditional on the claim still being ours.
+
+Redelivered or duplicate nudges are harmless: a step already done is never redone, a step being
+done by a live worker (unexpired lease) is left alone, and a step whose worker died (lease
+expired) is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from tools.registry import ToolArgumentsInvalid, registry
+
+from . import audit
+from .dispatch import advance_run_on_commit, tool_call_on_commit
+from .models import AuditEvent, Run, Step
+from .providers import (
+    ModelRequest,
+    ModelResponse,
+    ProviderError,
+    TransientProviderError,
+    resolve_route,
+)
+
+logger = logging.getLogger(__name__)
+
+SESSION_HISTORY_RUNS = 20
+
+
+def _now() -> Any:
+    return timezone.now()
+
+
+def _lease() -> Any:
+    return _now() + timedelta(seconds=settings.AGENTSITE_STEP_LEASE_SECONDS)
+
+
+def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with jitter (half fixed, half random), at least ``retry_after``."""
+    cap = float(settings.AGENTSITE_RETRY_BACKOFF_MAX)
+    ceiling = min(cap, settings.AGENTSITE_RETRY_BACKOFF_BASE * 2 ** max(0, attempt - 1))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, cap)
+
+
+# --- Transitions ------------------------------------------------------------------------------
+
+
+def _transition(
+    run: Run,
+    *,
+    from_statuses: tuple[str, ...],
+    to: str,
+    action: str,
+    actor: dict[str, str] | None = None,
+    payload: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bool:
+    """Move ``run`` to ``to`` if it is in one of ``from_statuses``; audit it in the same
+    transaction. Returns False (and changes nothing) if another worker got there first."""
+    now = _now()
+    changed = Run.objects.filter(pk=run.pk, status__in=from_statuses).update(
+        status=to, updated_at=now, **fields
+    )
+    if not changed:
+        return False
+    run.status = to
+    run.updated_at = now
+    for name, value in fields.items():
+        setattr(run, name, value)
+    audit.record(action, run=run, payload=payload, **(actor or {}))
+    return True
+
+
+def finish_run(
+    run: Run,
+    status: str,
+    *,
+    result: Any = None,
+    error_code: str = "",
+    error: str = "",
+    actor: dict[str, str] | None = None,
+) -> bool:
+    """End a run (succeeded, failed or cancelled), stop its pending steps and let the next run
+    of its session start. Call inside a transaction holding the run's lock."""
+    done = _transition(
+        run,
+        from_statuses=Run.ACTIVE_STATUSES,
+        to=status,
+        action=f"run.{status}",
+        actor=actor,
+        payload={"error_code": error_code, "error": error} if error else {},
+        result=result,
+        error_code=error_code,
+        error=error,
+        finished_at=_now(),
+    )
+    if not done:
+        return False
+    Step.objects.filter(run=run, status=Step.Status.PENDING).update(
+        status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None
+    )
+    if run.session_id is not None:
+        successor = (
+            Run.objects.filter(session_id=run.session_id, status=Run.Status.QUEUED)
+            .order_by("created_at")
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if successor is not None:
+            advance_run_on_commit(successor)
+    return True
+
+
+def _fail(run: Run, code: str, message: str) -> None:
+    finish_run(run, Run.Status.FAILED, error_code=code, error=message)
+
+
+# --- Building the conversation ----------------------------------------------------------------
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _tool_message(step: Step) -> dict[str, Any]:
+    if step.status == Step.Status.SUCCEEDED:
+        content = _as_text(step.response)
+    elif step.status == Step.Status.REFUSED:
+        content = f"Refused: {step.error}"
+    else:
+        content = f"Error: {step.error or step.status}"
+    limit = settings.AGENTSITE_MAX_TOOL_RESULT_CHARS
+    if len(content) > limit:
+        content = content[:limit] + f"… [truncated, {len(content)} characters in all]"
+    return {"role": "tool", "tool_call_id": step.tool_call_id, "content": content}
+
+
+def _model_message(step: Step) -> dict[str, Any]:
+    data = step.response or {}
+    message: dict[str, Any] = {"role": "assistant", "content": data.get("text")}
+    if data.get("tool_calls"):
+        message["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {
+                    "name": call["name"],
+                    "arguments": call["arguments"]
+                    if isinstance(call["arguments"], str)
+                    else json.dumps(call["arguments"], sort_keys=True),
+                },
+            }
+            for call in data["tool_calls"]
+        ]
+    return message
+
+
+def build_messages(run: Run, steps: list[Step]) -> list[dict[str, Any]]:
+    """The conversation the model sees: system prompt, the session's earlier turns, the input,
+    then every model turn of this run followed by its tool results."""
+    version = run.agent_version
+    messages: list[dict[str, Any]] = []
+    if version.system_prompt:
+        messages.append({"role": "system", "content": version.system_prompt})
+    if run.session_id is not None:
+        earlier = list(
+            Run.objects.filter(
+                session_id=run.session_id,
+                status=Run.Status.SUCCEEDED,
+                created_at__lt=run.created_at,
+            )
+            .order_by("-created_at")
+            .values_list("input", "result")[:SESSION_HISTORY_RUNS]
+        )
+        for past_input, past_result in reversed(earlier):
+            messages.append({"role": "user", "content": _as_text(past_input)})
+            messages.append({"role": "assistant", "content": _as_text(past_result)})
+    messages.append({"role": "user", "content": _as_text(run.input)})
+    for step in steps:
+        if step.kind == Step.Kind.MODEL and step.status == Step.Status.SUCCEEDED:
+            messages.append(_model_message(step))
+            messages.extend(
+                _tool_message(s)
+                for s in steps
+                if s.kind == Step.Kind.TOOL and s.parent_index == step.index
+            )
+    return messages
+
+
+# --- Advancing a run --------------------------------------------------------------------------
+
+
+@dataclass
+class ModelStepPlan:
+    run: Run
+    step: Step
+    messages: list[dict[str, Any]]
+
+
+@dataclass
+class Outcome:
+    """What the task should do next: nothing, or nudge the run again after ``retry_in``."""
+
+    retry_in: float | None = None
+
+
+def _lease_expired(step: Step) -> bool:
+    return step.lease_expires_at is None or step.lease_expires_at <= _now()
+
+
+def _blocked_by_session(run: Run) -> bool:
+    return (
+        run.session_id is not None
+        and Run.objects.filter(
+            session_id=run.session_id,
+            status__in=Run.ACTIVE_STATUSES,
+            created_at__lt=run.created_at,
+        ).exists()
+    )
+
+
+def _refused_turns_in_a_row(steps: list[Step]) -> int:
+    count = 0
+    for model_step in reversed([s for s in steps if s.kind == Step.Kind.MODEL]):
+        calls = [s for s in steps if s.parent_index == model_step.index]
+        if calls and all(s.status == Step.Status.REFUSED for s in calls):
+            count += 1
+        else:
+            break
+    return count
+
+
+def _plan(run_id: UUID | str) -> ModelStepPlan | None:
+    """Under the run's lock: start the run if queued, then claim or create its next model step.
+
+    Returns None when there is nothing for this caller to do.
+    """
+    with transaction.atomic():
+        run = (
+            Run.objects.select_for_update()
+            .select_related("agent_version")
+            .filter(pk=run_id)
+            .first()
+        )
+        if run is None or run.status not in (Run.Status.QUEUED, Run.Status.RUNNING):
+            return None
+        if run.status == Run.Status.QUEUED:
+            if _blocked_by_session(run):
+                return None  # the session's earlier run nudges this one when it ends
+            _transition(
+                run,
+                from_statuses=(Run.Status.QUEUED,),
+                to=Run.Status.RUNNING,
+                action="run.started",
+                started_at=_now(),
+            )
+        steps = list(run.steps.order_by("index"))
+        last = steps[-1] if steps else None
+
+        if last is not None and last.kind == Step.Kind.TOOL:
+            turn = [s for s in steps if s.parent_index == last.parent_index]
+            if any(s.status not in Step.DONE_STATUSES for s in turn):
+                return None  # the last tool call to finish nudges the run
+        elif last is not None and last.kind == Step.Kind.MODEL:
+            if last.status in (Step.Status.PENDING, Step.Status.RUNNING):
+                if last.status == Step.Status.RUNNING and not _lease_expired(last):
+                    return None  # a live worker has it
+                if last.status == Step.Status.RUNNING:
+                    if last.attempts >= settings.AGENTSITE_STEP_MAX_ATTEMPTS:
+                        Step.objects.filter(pk=last.pk, status=Step.Status.RUNNING).update(
+                            status=Step.Status.FAILED,
+                            error="the worker performing it was lost on every attempt",
+                            finished_at=_now(),
+                            lease_expires_at=None,
+                        )
+                        _fail(
+                            run,
+                            "worker_lost",
+                            f"step {last.index} was lost {last.attempts} times (worker killed "
+                            "or timed out); giving up",
+                        )
+                        return None
+                    audit.record(
+                        "step.lease_expired", run=run, step_index=last.index,
+                        payload={"attempts": last.attempts},
+                    )
+                claimed = Step.objects.filter(
+                    pk=last.pk, status=last.status, attempts=last.attempts
+                ).update(
+                    status=Step.Status.RUNNING,
+                    attempts=F("attempts") + 1,
+                    lease_expires_at=_lease(),
+                    started_at=_now(),
+                )
+                if not claimed:
+                    return None
+                last.refresh_from_db()
+                return ModelStepPlan(run, last, build_messages(run, steps[:-1]))
+            return None  # done; the run's status already reflects its outcome
+
+        version = run.agent_version
+        if len(steps) >= version.max_steps:
+            _fail(run, "budget_exceeded", f"the run reached its limit of {version.max_steps} steps")
+            return None
+        used = run.input_tokens + run.output_tokens
+        if version.max_tokens_per_run and used >= version.max_tokens_per_run:
+            _fail(
+                run,
+                "budget_exceeded",
+                f"the run used {used} tokens; its limit is {version.max_tokens_per_run}",
+            )
+            return None
+        if _refused_turns_in_a_row(steps) >= settings.AGENTSITE_MAX_REFUSALS:
+            _fail(
+                run,
+                "too_many_refusals",
+                f"the model's tool calls were refused {settings.AGENTSITE_MAX_REFUSALS} "
+                "turns in a row",
+            )
+            return None
+
+        step = Step.objects.create(
+            run=run,
+            index=last.index + 1 if last else 0,
+            kind=Step.Kind.MODEL,
+            status=Step.Status.RUNNING,
+            attempts=1,
+            lease_expires_at=_lease(),
+            started_at=_now(),
+            model_route=run.model_route,
+            request={"tools": sorted(version.tools)},
+        )
+        Run.objects.filter(pk=run.pk).update(updated_at=_now())
+        return ModelStepPlan(run, step, build_messages(run, steps))
+
+
+def advance(run_id: UUID | str) -> Outcome:
+    """Decide the run's next step and perform it if it is a model call.
+
+    Idempotent: any number of concurrent or repeated calls perform each step at most once at a
+    time. Tool calls are enqueued as their own tasks when the model's answer is recorded.
+    """
+    plan = _plan(run_id)
+    if plan is None:
+        return Outcome()
+    run, step = plan.run, plan.step
+    version = run.agent_version
+    tools = [spec.openai_schema() for name in version.tools if (spec := registry.get(name))]
+    started = time.monotonic()
+    try:
+        provider, model = resolve_route(run.model_route)
+        response = provider.complete(
+            ModelRequest(
+                model=model,
+                messages=plan.messages,
+                tools=tools,
+                temperature=version.temperature,
+                script=version.script,
+                attempt=step.attempts,
+            )
+        )
+    except SoftTimeLimitExceeded:
+        return _model_step_failed(
+            step,
+            TransientProviderError("the model call exceeded the step's soft time limit"),
+        )
+    except ProviderError as exc:
+        return _model_step_failed(step, exc)
+    except Exception as exc:  # a bug, not a provider problem: fail visibly, do not loop
+        logger.exception("model step %s of run %s crashed", step.index, run.pk)
+        return _model_step_failed(step, exc)
+    latency_ms = int((time.monotonic() - started) * 1000)
+    _record_model_answer(step, response, latency_ms)
+    return Outcome()
+
+
+def _model_step_failed(step: Step, exc: Exception) -> Outcome:
+    transient = isinstance(exc, ProviderError) and exc.transient
+    code = exc.code if isinstance(exc, ProviderError) else "internal_error"
+    message = str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+    max_attempts = settings.AGENTSITE_STEP_MAX_ATTEMPTS
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=step.run_id)
+        if transient and step.attempts < max_attempts:
+            claimed = Step.objects.filter(
+                pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
+            ).update(status=Step.Status.PENDING, error=message, lease_expires_at=None)
+            if not claimed:
+                return Outcome()
+            delay = backoff_seconds(
+                step.attempts, getattr(exc, "retry_after", None)
+            )
+            audit.record(
+                "step.retry_scheduled",
+                run=run,
+                step_index=step.index,
+                payload={"attempt": step.attempts, "error": message, "retry_in": round(delay, 2)},
+            )
+            Run.objects.filter(pk=run.pk).update(updated_at=_now())
+            return Outcome(retry_in=delay)
+        claimed = Step.objects.filter(
+            pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
+        ).update(
+            status=Step.Status.FAILED, error=message, finished_at=_now(), lease_expires_at=None
+        )
+        if not claimed:
+            return Outcome()
+        audit.record(
+            "step.failed",
+            run=run,
+            step_index=step.index,
+            payload={"attempts": step.attempts, "error": message},
+        )
+        if transient:
+            message = f"gave up after {step.attempts} attempts: {message}"
+        _fail(run, code, message)
+    return Outcome()
+
+
+def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -> None:
+    with transaction.atomic():
+        run = Run.objects.select_for_update().select_related("agent_version").get(pk=step.run_id)
+        recorded = Step.objects.filter(
+            pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
+        ).update(
+            status=Step.Status.SUCCEEDED if run.status == Run.Status.RUNNING
+            else Step.Status.CANCELLED,
+            response=response.to_json(),
+            error="",
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            latency_ms=latency_ms,
+            finished_at=_now(),
+            lease_expires_at=None,
+        )
+        if not recorded:
+            logger.info("run %s step %s: answer discarded, claim lost", run.pk, step.index)
+            return
+        Run.objects.filter(pk=run.pk).update(
+            input_tokens=F("input_tokens") + response.input_tokens,
+            output_tokens=F("output_tokens") + response.output_tokens,
+            updated_at=_now(),
+        )
+        run.refresh_from_db(fields=["input_tokens", "output_tokens", "status"])
+        audit.record(
+            "step.succeeded",
+            run=run,
+            step_index=step.index,
+            actor_type=AuditEvent.ActorType.AGENT,
+            actor=run.model_route,
+            payload={
+                "kind": "model",
+                "model": response.raw_model,
+                "finish_reason": response.finish_reason,
+                "tool_calls": [c.name for c in response.tool_calls],
+                "input_tokens": response.input_tokens,
+                "output_tokens": response.output_tokens,
+                "usage_reported": response.usage_reported,
+                "latency_ms": latency_ms,
+            },
+        )
+        if run.status != Run.Status.RUNNING:
+            return
+        if response.tool_calls:
+            _record_tool_calls(run, step, response)
+        else:
+            finish_run(run, Run.Status.SUCCEEDED, result=response.text or "")
+
+
+def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> None:
+    """Create a step per tool call. Calls the agent may not make, or with arguments that do not
+    validate, are refused here without executing; the rest are enqueued to run in parallel."""
+    version = run.agent_version
+    if model_step.index + len(response.tool_calls) >= version.max_steps:
+        _fail(
+            run,
+            "budget_exceeded",
+            f"the model asked for {len(response.tool_calls)} tool calls, which would pass the "
+            f"run's limit of {version.max_steps} steps",
+        )
+        return
+    granted = set(version.tools)
+    dispatched = 0
+    for offset, call in enumerate(response.tool_calls, start=1):
+        spec = registry.get(call.name)
+        refusal = ""
+        if call.name not in granted:
+            refusal = f"tool {call.name!r} is not available to this agent"
+        elif spec is None:
+            refusal = f"tool {call.name!r} is not installed on this server"
+        elif call.arguments_error:
+            refusal = f"{call.arguments_error} for {call.name}"
+        else:
+            try:
+                spec.validate(call.arguments)
+            except ToolArgumentsInvalid as exc:
+                refusal = str(exc)
+        step = Step.objects.create(
+            run=run,
+            index=model_step.index + offset,
+            kind=Step.Kind.TOOL,
+            parent_index=model_step.index,
+            status=Step.Status.REFUSED if refusal else Step.Status.PENDING,
+            tool_name=call.name[:100],
+            tool_call_id=call.id[:200],
+            request={"arguments": call.arguments},
+            error=refusal,
+            finished_at=_now() if refusal else None,
+        )
+        if refusal:
+            audit.record(
+                "tool_call.refused",
+                run=run,
+                step_index=step.index,
+                payload={"tool": call.name, "reason": refusal},
+            )
+        else:
+            assert spec is not None
+            audit.record(
+                "tool_call.requested",
+                run=run,
+                step_index=step.index,
+                actor_type=AuditEvent.ActorType.AGENT,
+                actor=run.model_route,
+                payload={"tool": call.name, "call_id": call.id},
+            )
+            tool_call_on_commit(run.pk, step.index, timeout=spec.timeout)
+            dispatched += 1
+    if not dispatched:
+        advance_run_on_commit(run.pk)  # let the model read the refusals

@@ -1,0 +1,92 @@
+"""Create the demo agents and knowledge base. Idempotent: re-running changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from agents.models import Agent
+from agents.services import save_agent
+from tools.models import KnowledgeArticle
+
+ARTICLES = [
+    (
+        "Refund policy",
+        "refund,money back,return",
+        "Refunds are issued to the original payment method within 5 business days of "
+        "approval. Orders can be refunded up to 30 days after delivery.",
+    ),
+    (
+        "Shipping times",
+        "shipping,delivery,tracking",
+        "Standard shipping takes 3 to 5 business days; express shipping takes 1 to 2. A tracking "
+        "link is emailed when the parcel leaves the warehouse.",
+    ),
+    (
+        "Resetting your password",
+        "password,login,account",
+        "Use 'Forgot password' on the sign-in page; the reset link is valid for 1 hour.",
+    ),
+    (
+        "Changing an order",
+        "order,change,cancel",
+        "Orders can be changed or cancelled until they are packed, usually within 2 hours.",
+    ),
+    (
+        "Contacting support",
+        "support,contact,phone,hours",
+        "Support answers by chat from 8:00 to 20:00 CET on weekdays.",
+    ),
+]
+
+AGENTS: list[dict[str, Any]] = [
+    {
+        "slug": "support-assistant",
+        "name": "Support assistant",
+        "description": "Answers customer questions from the knowledge base.",
+        "model_route": "scripted:demo",
+        "system_prompt": (
+            "You are a support assistant. Answer only from the knowledge base; search it with "
+            "the search_knowledge tool before answering."
+        ),
+        "tools": ["search_knowledge", "calculator"],
+        "max_steps": 10,
+        "script": [
+            {"tool_calls": [{"name": "search_knowledge", "arguments": {"query": "{input}"}}]},
+            {"text": "Here is what the knowledge base says: {last_tool_result}"},
+        ],
+    },
+    {
+        "slug": "math-tutor",
+        "name": "Math tutor",
+        "description": "Works out arithmetic with the calculator tool.",
+        "model_route": "scripted:demo",
+        "system_prompt": "Use the calculator for any arithmetic.",
+        "tools": ["calculator"],
+        "max_steps": 6,
+        "script": [
+            {"tool_calls": [{"name": "calculator", "arguments": {"expression": "{input}"}}]},
+            {"text": "The calculator says: {last_tool_result}"},
+        ],
+    },
+]
+
+
+class Command(BaseCommand):
+    help = "Create the demo agents (support-assistant, math-tutor) and the knowledge base."
+
+    @transaction.atomic
+    def handle(self, *args: Any, **options: Any) -> None:
+        for title, tags, body in ARTICLES:
+            KnowledgeArticle.objects.update_or_create(
+                title=title, defaults={"tags": tags, "body": body}
+            )
+        for spec in AGENTS:
+            agent = Agent.objects.filter(slug=spec["slug"]).first() or Agent(slug=spec["slug"])
+            for field, value in spec.items():
+                setattr(agent, field, value)
+            save_agent(agent=agent)
+            self.stdout.write(f"agent {agent.slug}: {agent.current_version}")
+        self.stdout.write(self.style.SUCCESS(f"seeded {len(ARTICLES)} articles, {len(AGENTS)} agents"))

@@ -1,0 +1,345 @@
+"""Agents, their immutable versions, runs, steps, sessions, providers and the audit trail."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+
+ROUTE_VALIDATOR = RegexValidator(
+    r"^[a-z0-9][a-z0-9_-]*:[^\s]+$",
+    "A model route is 'provider:model', e.g. 'scripted:demo' or 'local:llama-3.1-8b'.",
+)
+
+
+def new_trace_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Agent(models.Model):
+    """An agent as operators edit it. Saving a changed configuration publishes a new version."""
+
+    slug = models.SlugField(unique=True, max_length=80)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    is_active = models.BooleanField(default=True)
+
+    # The editable configuration; a run never reads it directly but through an AgentVersion.
+    model_route = models.CharField(
+        max_length=200,
+        validators=[ROUTE_VALIDATOR],
+        default="scripted:demo",
+        help_text="provider:model, e.g. scripted:demo or local:llama-3.1-8b",
+    )
+    system_prompt = models.TextField(blank=True)
+    tools = models.JSONField(
+        default=list, blank=True, help_text="Names of the registered tools this agent may call."
+    )
+    max_steps = models.PositiveIntegerField(
+        default=20, validators=[MinValueValidator(1)], help_text="Steps (model + tool) per run."
+    )
+    max_tokens_per_run = models.PositiveIntegerField(
+        default=100_000, help_text="Input plus output tokens per run; 0 means no limit."
+    )
+    temperature = models.FloatField(default=0.0)
+    escalation_policy = models.JSONField(
+        default=dict, blank=True, help_text="When to ask a human (used by the review queue)."
+    )
+    output_schema = models.JSONField(
+        null=True, blank=True, help_text="Optional JSON schema the final answer must satisfy."
+    )
+    script = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=(
+            "For scripted:* routes, the model's turns: a list of {\"text\": ...} or "
+            "{\"tool_calls\": [{\"name\": ..., \"arguments\": {...}}]}. "
+            "Templates: {input}, {last_tool_result}, {tool_results}."
+        ),
+    )
+
+    current_version = models.ForeignKey(
+        "AgentVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    def clean(self) -> None:
+        from tools.registry import registry
+
+        errors: dict[str, str] = {}
+        if not isinstance(self.tools, list) or not all(isinstance(t, str) for t in self.tools):
+            errors["tools"] = "A list of tool names."
+        else:
+            unknown = sorted(set(self.tools) - set(registry.names()))
+            if unknown:
+                errors["tools"] = f"Unknown tools: {', '.join(unknown)}."
+        if not isinstance(self.script, list):
+            errors["script"] = "A list of turns."
+        if self.output_schema is not None and not isinstance(self.output_schema, dict):
+            errors["output_schema"] = "A JSON schema object."
+        if not isinstance(self.escalation_policy, dict):
+            errors["escalation_policy"] = "A JSON object."
+        if errors:
+            raise ValidationError(errors)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The configuration a version freezes."""
+        return {
+            "model_route": self.model_route,
+            "system_prompt": self.system_prompt,
+            "tools": sorted(self.tools),
+            "max_steps": self.max_steps,
+            "max_tokens_per_run": self.max_tokens_per_run,
+            "temperature": self.temperature,
+            "escalation_policy": self.escalation_policy,
+            "output_schema": self.output_schema,
+            "script": self.script,
+        }
+
+
+class AgentVersion(models.Model):
+    """An immutable snapshot of an agent's configuration; a run pins the one it started with."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    model_route = models.CharField(max_length=200, validators=[ROUTE_VALIDATOR])
+    system_prompt = models.TextField(blank=True)
+    tools = models.JSONField(default=list)
+    max_steps = models.PositiveIntegerField()
+    max_tokens_per_run = models.PositiveIntegerField()
+    temperature = models.FloatField(default=0.0)
+    escalation_policy = models.JSONField(default=dict)
+    output_schema = models.JSONField(null=True, blank=True)
+    script = models.JSONField(default=list)
+    digest = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["agent", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "number"], name="agentversion_unique_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent.slug} v{self.number}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise ValidationError("Agent versions are immutable; publish a new version instead.")
+        super().save(*args, **kwargs)
+
+    @staticmethod
+    def digest_of(snapshot: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
+
+
+class Session(models.Model):
+    """Conversation memory shared by the runs that name it: the model sees earlier turns."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+        related_name="agent_sessions",
+    )
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        WAITING_APPROVAL = "waiting_approval"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINAL_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING, Status.WAITING_APPROVAL)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="runs")
+    agent_version = models.ForeignKey(AgentVersion, on_delete=models.PROTECT, related_name="runs")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+        related_name="agent_runs",
+    )
+    session = models.ForeignKey(
+        Session, null=True, blank=True, on_delete=models.PROTECT, related_name="runs"
+    )
+    model_route = models.CharField(
+        max_length=200, validators=[ROUTE_VALIDATOR],
+        help_text="The route this run calls: the version's, or an override given at submission.",
+    )
+    input = models.JSONField()
+    metadata = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    cancel_requested = models.BooleanField(default=False)
+    result = models.JSONField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
+    trace_id = models.CharField(max_length=32, default=new_trace_id, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Bumped on every transition and step; the reconciler nudges active runs that stop moving.
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "updated_at"], name="run_status_updated"),
+            models.Index(fields=["owner", "-created_at"], name="run_owner_created"),
+            models.Index(fields=["session", "created_at"], name="run_session_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.id} ({self.status})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL_STATUSES
+
+
+class Step(models.Model):
+    """One unit of work in a run: a model call or a tool call. (run, index) is its key."""
+
+    class Kind(models.TextChoices):
+        MODEL = "model"
+        TOOL = "tool"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        REFUSED = "refused"  # a tool call the agent may not make, or with invalid arguments
+        CANCELLED = "cancelled"
+
+    DONE_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.REFUSED, Status.CANCELLED)
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveIntegerField()
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    # Tool steps remember the model step whose turn asked for them.
+    parent_index = models.PositiveIntegerField(null=True, blank=True)
+    model_route = models.CharField(max_length=200, blank=True)
+    tool_name = models.CharField(max_length=100, blank=True)
+    tool_call_id = models.CharField(max_length=200, blank=True)
+    request = models.JSONField(default=dict, blank=True)
+    response = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "index"], name="step_unique_run_index"),
+        ]
+
+    def __str__(self) -> str:
+        what = self.tool_name if self.kind == self.Kind.TOOL else self.model_route
+        return f"step {self.index} {self.kind} {what} ({self.status})"
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across redeliveries: a tool uses it so an external side effect happens once."""
+        key = f"{self.run_id}:{self.index}"
+        return f"{key}:{self.tool_call_id}" if self.tool_call_id else key
+
+
+class ModelProvider(models.Model):
+    """An OpenAI-compatible provider edited in the admin; overrides the environment's entry."""
+
+    name = models.SlugField(
+        unique=True, max_length=50, help_text="The provider part of a route: 'local' in 'local:m'."
+    )
+    base_url = models.URLField(max_length=500)
+    api_key_encrypted = models.TextField(blank=True, editable=False)
+    timeout_seconds = models.FloatField(default=60.0, validators=[MinValueValidator(0.1)])
+    enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.name == "scripted":
+            raise ValidationError({"name": "'scripted' is the built-in provider's name."})
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+
+class AuditEvent(models.Model):
+    """Append-only record of every state transition and decision."""
+
+    class ActorType(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        AGENT = "agent"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor_type = models.CharField(max_length=10, choices=ActorType.choices)
+    actor = models.CharField(max_length=200, blank=True)
+    action = models.CharField(max_length=64, db_index=True)
+    run = models.ForeignKey(
+        Run, null=True, blank=True, on_delete=models.DO_NOTHING, related_name="audit_events",
+        db_constraint=False,
+    )
+    step_index = models.PositiveIntegerField(null=True, blank=True)
+    trace_id = models.CharField(max_length=32, blank=True)
+    payload = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise ValidationError("Audit events are append-only.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValidationError("Audit events are append-only.")

@@ -1,0 +1,172 @@
+"""Any OpenAI-compatible chat-completions server, through the official ``openai`` SDK.
+
+Servers differ in small ways (vLLM, Ollama, the llama.cpp server, OpenAI itself): usage may be
+missing, tool-call ids may be missing, finish reasons vary, arguments may arrive as an object
+instead of a JSON string. We take the SDK for transport, auth and error statuses, but parse the
+body ourselves so a server that answers nonsense gets a clear message instead of an
+AttributeError deep in a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any
+
+import openai
+
+from .base import (
+    InvalidProviderResponse,
+    ModelRequest,
+    ModelResponse,
+    PermanentProviderError,
+    ToolCallRequest,
+    TransientProviderError,
+    estimate_tokens,
+)
+
+_clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(base_url: str, api_key: str, timeout: float) -> openai.OpenAI:
+    # One client (one HTTP connection pool) per provider per process; httpx clients are
+    # thread-safe, which matters under the threads pool.
+    key = (base_url, hashlib.sha256(api_key.encode()).hexdigest(), timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = openai.OpenAI(
+                base_url=base_url,
+                api_key=api_key or "not-needed",
+                timeout=timeout,
+                max_retries=0,  # the engine retries, with its own backoff and bookkeeping
+            )
+            _clients[key] = client
+        return client
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class OpenAICompatibleProvider:
+    def __init__(self, *, name: str, base_url: str, api_key: str, timeout: float) -> None:
+        self.name = name
+        self.base_url = base_url
+        self._api_key = api_key
+        self.timeout = timeout
+
+    def __repr__(self) -> str:  # never show the key
+        return f"<OpenAICompatibleProvider {self.name} {self.base_url}>"
+
+    def complete(self, request: ModelRequest) -> ModelResponse:
+        client = _client(self.base_url, self._api_key, self.timeout)
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+        }
+        if request.tools:
+            kwargs["tools"] = request.tools
+        where = f"provider {self.name!r} ({self.base_url})"
+        try:
+            raw = client.chat.completions.with_raw_response.create(**kwargs)
+        except openai.APITimeoutError:
+            raise TransientProviderError(f"{where} timed out after {self.timeout:g}s") from None
+        except openai.APIConnectionError as exc:
+            raise TransientProviderError(f"{where} could not be reached: {exc}") from None
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            detail = _short(str(exc.message))
+            message = f"{where} answered HTTP {status}: {detail}"
+            if status in (408, 409, 425, 429) or status >= 500:
+                raise TransientProviderError(
+                    message, retry_after=_retry_after(exc.response.headers)
+                ) from None
+            raise PermanentProviderError(message) from None
+        return parse_chat_completion(raw.http_response.text, request=request, where=where)
+
+
+def parse_chat_completion(body: str, *, request: ModelRequest, where: str) -> ModelResponse:
+    """Turn a chat-completions body into a ModelResponse, or say exactly what is wrong with it."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise InvalidProviderResponse(
+            f"{where} answered with something that is not JSON: {_short(body, 120)!r}"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidProviderResponse(f"{where} answered JSON that is not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise InvalidProviderResponse(f"{where} answered without any choices")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise InvalidProviderResponse(f"{where} answered a choice without a message")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        if isinstance(content, list):  # some servers send content parts
+            content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        else:
+            raise InvalidProviderResponse(f"{where} answered content that is not text")
+
+    calls: list[ToolCallRequest] = []
+    raw_calls = message.get("tool_calls") or []
+    if not isinstance(raw_calls, list):
+        raise InvalidProviderResponse(f"{where} answered tool_calls that is not a list")
+    for i, raw_call in enumerate(raw_calls):
+        function = raw_call.get("function") if isinstance(raw_call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidProviderResponse(f"{where} answered tool call {i} without a function name")
+        call_id = raw_call.get("id") or f"call_{i}"
+        arguments: Any = function.get("arguments")
+        error = ""
+        if arguments is None or arguments == "":
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                error = "arguments are not valid JSON"
+        calls.append(
+            ToolCallRequest(
+                id=str(call_id), name=function["name"], arguments=arguments, arguments_error=error
+            )
+        )
+    if content is None and not calls:
+        raise InvalidProviderResponse(f"{where} answered neither text nor tool calls")
+
+    usage = data.get("usage")
+    reported = isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
+    if reported:
+        input_tokens = int(usage["prompt_tokens"])
+        output_tokens = int(usage.get("completion_tokens") or 0)
+    else:
+        input_tokens = sum(
+            estimate_tokens(json.dumps(m.get("content"))) for m in request.messages
+        )
+        output_tokens = estimate_tokens(content or "") + sum(
+            estimate_tokens(json.dumps(c.arguments)) for c in calls
+        )
+    finish_reason = choice.get("finish_reason") or ("tool_calls" if calls else "stop")
+    return ModelResponse(
+        text=content,
+        tool_calls=calls,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        finish_reason=str(finish_reason),
+        usage_reported=reported,
+        raw_model=str(data.get("model") or request.model),
+    )

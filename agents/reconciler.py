@@ -1,0 +1,74 @@
+"""Finding runs that should be moving but are not, and nudging them again.
+
+A Celery message is only a nudge; if it was lost (broker restarted, worker killed before the
+message was re-queued) the run's state in Postgres is intact and a new nudge resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from tools.registry import registry
+
+from . import audit
+from .dispatch import advance_run_on_commit, tool_call_on_commit
+from .models import Run, Step
+
+logger = logging.getLogger(__name__)
+
+
+def reconcile_stalled_runs(*, limit: int = 500) -> int:
+    """Nudge active runs with no progress for ``AGENTSITE_STALLED_AFTER`` seconds.
+
+    Safe to run anywhere and concurrently: a nudge is idempotent. Runs whose current step is held
+    by a live worker (unexpired lease) are left alone. Returns the number of runs nudged.
+    """
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.AGENTSITE_STALLED_AFTER)
+    stalled = list(
+        Run.objects.filter(
+            status__in=(Run.Status.QUEUED, Run.Status.RUNNING), updated_at__lt=cutoff
+        )
+        .order_by("updated_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+    nudged = 0
+    for run_id in stalled:
+        with transaction.atomic():
+            run = Run.objects.filter(pk=run_id).first()
+            if run is None:
+                continue
+            open_steps = list(
+                Step.objects.filter(
+                    run_id=run_id, status__in=(Step.Status.PENDING, Step.Status.RUNNING)
+                )
+            )
+            if any(
+                s.status == Step.Status.RUNNING
+                and s.lease_expires_at is not None
+                and s.lease_expires_at > now
+                for s in open_steps
+            ):
+                continue
+            tool_steps = [s for s in open_steps if s.kind == Step.Kind.TOOL]
+            for step in tool_steps:
+                spec = registry.get(step.tool_name)
+                tool_call_on_commit(run_id, step.index, timeout=spec.timeout if spec else 30)
+            if not tool_steps:
+                advance_run_on_commit(run_id)
+            Run.objects.filter(pk=run_id).update(updated_at=now)
+            audit.record(
+                "run.nudged",
+                run=run,
+                actor="reconciler",
+                payload={"tool_steps": [s.index for s in tool_steps]},
+            )
+            nudged += 1
+    if nudged:
+        logger.info("reconciler nudged %d stalled runs", nudged)
+    return nudged

@@ -1,0 +1,302 @@
+"""Agentsite settings, read from the environment in this one place.
+
+With nothing set, the embedded default runs: SQLite and kombu's filesystem broker under ``.data/``,
+so ``make demo`` works on a bare machine. Set ``DATABASE_URL`` and ``CELERY_BROKER_URL`` to run on
+Postgres and Redis, as docker-compose.yml and production do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("AGENTSITE_DATA_DIR", BASE_DIR / ".data"))
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use 1/0, true/false)")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# --- Core -------------------------------------------------------------------------------------
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (set DEBUG=1 for local development)"
+        )
+    SECRET_KEY = "insecure-development-key-do-not-use-in-production"  # noqa: S105
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]" if DEBUG else "")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "agents",
+    "tools",
+    "approvals",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "agentsite.urls"
+WSGI_APPLICATION = "agentsite.wsgi.application"
+ASGI_APPLICATION = "agentsite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ---------------------------------------------------------------------------------
+# Postgres uses Django's psycopg 3 connection pool (CONN_MAX_AGE must then be 0). The pool is
+# health-checked on checkout (CONN_HEALTH_CHECKS) so a restarted Postgres costs a retry, not a worker full of dead sockets.
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    _db = dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)
+    if _db["ENGINE"] == "django.db.backends.postgresql":
+        _db["OPTIONS"] = {
+            **_db.get("OPTIONS", {}),
+            "pool": {
+                "min_size": env_int("AGENTSITE_DB_POOL_MIN", 1),
+                "max_size": env_int("AGENTSITE_DB_POOL_MAX", 20),
+                "timeout": env_float("AGENTSITE_DB_POOL_TIMEOUT", 10.0),
+            },
+        }
+        _db["TEST"] = {"NAME": os.environ.get("AGENTSITE_TEST_DB_NAME") or None}
+else:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    _db = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(DATA_DIR / "agentsite.sqlite3"),
+        # IMMEDIATE transactions serialise writers up front, which is what select_for_update
+        # (a no-op on SQLite) gives us on Postgres; WAL lets the web process read meanwhile.
+        "OPTIONS": {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+    }
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = os.environ.get("STATIC_ROOT", str(DATA_DIR / "static"))
+# WhiteNoise serves the admin's static files from gunicorn; no separate web server is needed.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# --- REST framework ---------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+}
+
+# --- Celery -----------------------------------------------------------------------------------
+# Read by agentsite/celery.py with namespace="CELERY"; tests check that every CELERY_* name here
+# is a real Celery setting, because a misspelt one is silently ignored.
+# Reference: https://docs.celeryq.dev/en/stable/userguide/configuration.html
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "") or "filesystem://localhost/"
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if not REDIS_URL and CELERY_BROKER_URL.startswith("redis"):
+    REDIS_URL = CELERY_BROKER_URL
+
+# Hard limits bound how long a step may hold a worker slot; the broker's visibility timeout must
+# exceed every hard limit and every retry countdown, or Redis redelivers a task still running.
+AGENTSITE_STEP_SOFT_TIME_LIMIT = env_int("AGENTSITE_STEP_SOFT_TIME_LIMIT", 120)
+AGENTSITE_STEP_HARD_TIME_LIMIT = env_int("AGENTSITE_STEP_HARD_TIME_LIMIT", 150)
+AGENTSITE_RETRY_BACKOFF_MAX = env_int("AGENTSITE_RETRY_BACKOFF_MAX", 60)
+AGENTSITE_BROKER_VISIBILITY_TIMEOUT = env_int("AGENTSITE_BROKER_VISIBILITY_TIMEOUT", 900)
+if AGENTSITE_BROKER_VISIBILITY_TIMEOUT <= max(
+    AGENTSITE_STEP_HARD_TIME_LIMIT, AGENTSITE_RETRY_BACKOFF_MAX
+):
+    raise ImproperlyConfigured(
+        "AGENTSITE_BROKER_VISIBILITY_TIMEOUT must exceed AGENTSITE_STEP_HARD_TIME_LIMIT and "
+        "AGENTSITE_RETRY_BACKOFF_MAX, or Redis redelivers tasks that are still running"
+    )
+
+if CELERY_BROKER_URL.startswith("filesystem"):
+    _broker_dir = DATA_DIR / "broker"
+    for _sub in ("queue", "processed", "control"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
+        "store_processed": False,
+        "polling_interval": 0.1,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": AGENTSITE_BROKER_VISIBILITY_TIMEOUT,
+    }
+
+# Postgres is the source of truth; no task result is ever read, so none is stored.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = AGENTSITE_STEP_SOFT_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = AGENTSITE_STEP_HARD_TIME_LIMIT
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {
+    "agents.advance_run": {"queue": "models"},
+    "agents.reconcile_runs": {"queue": "maintenance"},
+    "tools.execute_tool_call": {"queue": "tools"},
+}
+CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower shows tasks as they happen
+CELERY_TASK_SEND_SENT_EVENT = True
+AGENTSITE_RECONCILE_INTERVAL = env_int("AGENTSITE_RECONCILE_INTERVAL", 30)
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-runs": {
+        "task": "agents.reconcile_runs",
+        "schedule": float(AGENTSITE_RECONCILE_INTERVAL),
+        "options": {"expires": float(AGENTSITE_RECONCILE_INTERVAL)},
+    },
+}
+
+# --- The run engine ---------------------------------------------------------------------------
+
+# Attempts per step (first try included) for transient model/tool errors, with exponential
+# backoff and full jitter between them.
+AGENTSITE_STEP_MAX_ATTEMPTS = env_int("AGENTSITE_STEP_MAX_ATTEMPTS", 4)
+AGENTSITE_RETRY_BACKOFF_BASE = env_float("AGENTSITE_RETRY_BACKOFF_BASE", 1.0)
+# A step claimed by a worker is leased for this long; past it, the worker is presumed dead and
+# another may take the step over.
+AGENTSITE_STEP_LEASE_SECONDS = env_int(
+    "AGENTSITE_STEP_LEASE_SECONDS", AGENTSITE_STEP_HARD_TIME_LIMIT + 30
+)
+# A queued/running run with no progress for this long is nudged again by the reconciler.
+AGENTSITE_STALLED_AFTER = env_int("AGENTSITE_STALLED_AFTER", 60)
+AGENTSITE_MAX_TOOL_RESULT_CHARS = env_int("AGENTSITE_MAX_TOOL_RESULT_CHARS", 20_000)
+AGENTSITE_MAX_REFUSALS = env_int("AGENTSITE_MAX_REFUSALS", 3)
+
+# Named OpenAI-compatible providers: AGENTSITE_PROVIDER_<NAME>_BASE_URL, ..._API_KEY and
+# optionally ..._TIMEOUT (seconds). A route "local:llama-3.1-8b" uses provider "local".
+_provider_re = re.compile(r"^AGENTSITE_PROVIDER_([A-Z0-9_]+?)_(BASE_URL|API_KEY|TIMEOUT)$")
+AGENTSITE_PROVIDERS: dict[str, dict[str, str]] = {}
+for _key, _value in os.environ.items():
+    _match = _provider_re.match(_key)
+    if _match:
+        _name, _field = _match.group(1).lower(), _match.group(2).lower()
+        AGENTSITE_PROVIDERS.setdefault(_name, {})[_field] = _value
+for _name, _conf in AGENTSITE_PROVIDERS.items():
+    if "base_url" not in _conf:
+        raise ImproperlyConfigured(
+            f"AGENTSITE_PROVIDER_{_name.upper()}_BASE_URL is missing for provider {_name!r}"
+        )
+if "scripted" in AGENTSITE_PROVIDERS:
+    raise ImproperlyConfigured("provider name 'scripted' is reserved for the built-in provider")
+
+# --- Logging ----------------------------------------------------------------------------------
+
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "httpx": {"level": "WARNING"},
+        "openai": {"level": "WARNING"},
+    },
+}
+
+if not DEBUG:
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)

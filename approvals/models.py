@@ -1,0 +1,1 @@
+"""The human review queue (escalations and decisions) is built by the approvals issue."""

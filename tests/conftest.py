@@ -1,0 +1,171 @@
+"""Shared fixtures: agent builders, the fake model server, and a real Celery worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from agents import engine
+from agents.models import Agent, Run, Step
+from agents.providers.fake_server import FakeOpenAIServer
+from agents.services import save_agent
+from tools.services import execute_tool_call
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def poll(
+    predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Return the first truthy value of ``predicate()``, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def make_agent(db: None) -> Callable[..., Agent]:
+    counter = iter(range(1, 10_000))
+
+    def build(**fields: Any) -> Agent:
+        slug = fields.pop("slug", None) or f"agent-{next(counter)}"
+        agent = Agent(slug=slug, name=fields.pop("name", slug), **fields)
+        return save_agent(agent=agent)
+
+    return build
+
+
+def drive(run_id: Any, *, max_iterations: int = 100) -> Run:
+    """Advance a run in this process, as workers would, until it is final or waits for something.
+
+    Performs tool calls in index order; a retry outcome is followed at once (no backoff wait).
+    """
+    for _ in range(max_iterations):
+        run = Run.objects.get(pk=run_id)
+        if run.is_final:
+            return run
+        tools = list(
+            Step.objects.filter(run=run, kind=Step.Kind.TOOL, status=Step.Status.PENDING)
+            .order_by("index")
+            .values_list("index", flat=True)
+        )
+        if tools:
+            for index in tools:
+                execute_tool_call(run_id=run.pk, step_index=index)
+        else:
+            engine.advance(run.pk)
+    raise AssertionError(f"run {run_id} did not finish in {max_iterations} iterations")
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer().start()
+    yield server
+    server.stop()
+
+
+def _uses_real_services() -> bool:
+    return settings.DATABASES["default"]["ENGINE"].endswith("postgresql") and (
+        settings.CELERY_BROKER_URL.startswith("redis")
+    )
+
+
+def _test_database_url() -> str:
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    return urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))
+
+
+class WorkerProcess:
+    def __init__(self, process: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        self.process = process
+        self.name = name
+        self.log = log
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def task_totals(self) -> dict[str, int]:
+        """How many tasks of each name this worker has finished (Celery's own counters)."""
+        from agentsite.celery import app
+
+        stats = app.control.inspect(destination=[self.name], timeout=2).stats() or {}
+        return dict(stats.get(self.name, {}).get("total", {}))
+
+
+@pytest.fixture(scope="session")
+def celery_worker(
+    django_db_setup: None,
+    django_db_blocker: Any,
+    fake_openai: FakeOpenAIServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcess]:
+    """A real ``celery worker`` process on the test database, Redis and the fake model server."""
+    if not _uses_real_services():
+        pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
+    import redis
+
+    from agentsite.celery import app
+
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()  # no messages from earlier runs
+    name = f"pytest-{os.getpid()}@{socket.gethostname()}"
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "AGENTSITE_PROVIDER_FAKE_BASE_URL": fake_openai.base_url,
+        "AGENTSITE_PROVIDER_FAKE_API_KEY": "sk-test-fake-key",
+        "AGENTSITE_PROVIDER_FAKE_TIMEOUT": "5",
+        "AGENTSITE_RETRY_BACKOFF_BASE": "0.05",
+        "AGENTSITE_RETRY_BACKOFF_MAX": "1",
+        "AGENTSITE_STALLED_AFTER": "3",
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "agentsite", "worker",
+                "-Q", "models,tools,maintenance,default", "--concurrency", "4",
+                "--loglevel", "INFO", "-n", name, "--without-gossip", "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = WorkerProcess(process, name, log)
+    try:
+        poll(
+            lambda: process.poll() is not None
+            or app.control.ping(destination=[name], timeout=0.5),
+            timeout=60,
+            what="the Celery worker to answer a ping",
+        )
+        if process.poll() is not None:
+            pytest.fail(f"the Celery worker exited at start:\n{worker.log_tail()}")
+        yield worker
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

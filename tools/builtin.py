@@ -1,0 +1,110 @@
+"""Built-in tools: a safe calculator and a search over the knowledge table."""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from typing import Any
+
+from django.db.models import Q
+from pydantic import BaseModel, Field
+
+from .models import KnowledgeArticle
+from .registry import ToolContext, ToolError, tool
+
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_MAGNITUDE = 1e100
+
+
+class CalculatorArgs(BaseModel):
+    expression: str = Field(
+        max_length=200, description="An arithmetic expression, e.g. '(3 + 4) * 2 / 7'."
+    )
+
+
+def _evaluate(node: ast.AST) -> float | int:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and (abs(right) > 100 or abs(left) > 1e6):
+            raise ToolError("exponent too large")
+        try:
+            value = _BINARY[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise ToolError("division by zero") from None
+        if isinstance(value, complex) or abs(value) > _MAX_MAGNITUDE:
+            raise ToolError("result out of range")
+        return value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand))
+    raise ToolError(f"unsupported expression element: {type(node).__name__}")
+
+
+@tool(
+    name="calculator",
+    description="Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
+    risk="low",
+    timeout=5,
+)
+def calculator(args: CalculatorArgs, ctx: ToolContext) -> dict[str, Any]:
+    try:
+        tree = ast.parse(args.expression, mode="eval")
+    except SyntaxError:
+        raise ToolError(f"not an arithmetic expression: {args.expression!r}") from None
+    value = _evaluate(tree)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return {"expression": args.expression, "result": value}
+
+
+class SearchKnowledgeArgs(BaseModel):
+    query: str = Field(min_length=1, max_length=500, description="What to look for.")
+    limit: int = Field(default=3, ge=1, le=10, description="How many articles at most.")
+
+
+_WORD = re.compile(r"[a-z0-9]{3,}")
+_STOPWORDS = {"the", "and", "for", "how", "what", "when", "can", "does", "you", "your", "are"}
+
+
+@tool(
+    name="search_knowledge",
+    description="Search the knowledge base and return the best matching articles.",
+    risk="low",
+    timeout=10,
+)
+def search_knowledge(args: SearchKnowledgeArgs, ctx: ToolContext) -> dict[str, Any]:
+    words = [w for w in _WORD.findall(args.query.lower()) if w not in _STOPWORDS][:12]
+    if not words:
+        return {"query": args.query, "articles": []}
+    stems = [w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words]
+    match = Q()
+    for stem in stems:
+        match |= Q(title__icontains=stem) | Q(body__icontains=stem) | Q(tags__icontains=stem)
+    scored = []
+    for article in KnowledgeArticle.objects.filter(match)[:200]:
+        heading = f"{article.title} {article.tags}".lower()
+        body = article.body.lower()
+        # A word in the title or tags says more about the article than one in its body.
+        score = sum(3 * (stem in heading) + (stem in body) for stem in stems)
+        scored.append((score, article.title, article))
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    return {
+        "query": args.query,
+        "articles": [
+            {"title": article.title, "body": article.body[:1000]}
+            for _, _, article in scored[: args.limit]
+        ],
+    }

@@ -1,0 +1,132 @@
+"""The tool registry: tools are Python callables registered in code with a pydantic args model.
+
+The JSON schema shown to the model comes from the args model, so what the model is told and what
+is validated before execution are the same thing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+class ToolError(Exception):
+    """A permanent failure of a tool call; its message is shown to the model."""
+
+
+class TransientToolError(ToolError):
+    """A failure worth retrying (timeout, connection error, 5xx from a dependency)."""
+
+
+class ToolArgumentsInvalid(ToolError):
+    """The model's arguments do not validate against the tool's args model."""
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool knows about the call it serves. ``idempotency_key`` is stable across retries
+    and redeliveries of the same call: use it so an external side effect happens at most once."""
+
+    run_id: str
+    step_index: int
+    idempotency_key: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    args_model: type[BaseModel]
+    func: Callable[[Any, ToolContext], Any]
+    risk: str = "low"
+    timeout: int = 30
+    retries: int = 3
+
+    def parameters_schema(self) -> dict[str, Any]:
+        schema = self.args_model.model_json_schema()
+        schema.pop("title", None)
+        return schema
+
+    def openai_schema(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters_schema(),
+            },
+        }
+
+    def validate(self, arguments: Any) -> BaseModel:
+        if not isinstance(arguments, dict):
+            raise ToolArgumentsInvalid(
+                f"arguments for {self.name} must be a JSON object, got {type(arguments).__name__}"
+            )
+        try:
+            return self.args_model.model_validate(arguments)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ToolArgumentsInvalid(f"invalid arguments for {self.name}: {problems}") from None
+
+
+class ToolRegistry:
+    def __init__(self) -> None:
+        self._tools: dict[str, ToolSpec] = {}
+
+    def register(self, spec: ToolSpec) -> None:
+        if spec.name in self._tools and self._tools[spec.name].func is not spec.func:
+            raise ValueError(f"a tool named {spec.name!r} is already registered")
+        self._tools[spec.name] = spec
+
+    def get(self, name: str) -> ToolSpec | None:
+        return self._tools.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+
+registry = ToolRegistry()
+
+
+def tool(
+    *,
+    name: str,
+    description: str,
+    risk: str = "low",
+    timeout: int = 30,
+    retries: int = 3,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``func(args: ArgsModel, ctx: ToolContext) -> JSON value`` as a tool."""
+
+    def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+        params = list(inspect.signature(func).parameters)
+        hints = typing.get_type_hints(func)
+        args_model = hints.get(params[0]) if params else None
+        if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
+            raise TypeError(f"tool {name!r}: first parameter must be annotated with a pydantic model")
+        registry.register(
+            ToolSpec(
+                name=name,
+                description=description,
+                args_model=args_model,
+                func=func,
+                risk=risk,
+                timeout=timeout,
+                retries=retries,
+            )
+        )
+        return func
+
+    return decorator
