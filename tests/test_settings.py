@@ -1,0 +1,80 @@
+"""Settings that are easy to get silently wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from celery.app.defaults import DEFAULTS
+from django.conf import settings
+
+from agentsite.celery import app
+
+
+def test_every_celery_setting_is_a_real_celery_setting():
+    # A misspelt CELERY_* name is silently ignored by Celery.
+    ours = {name for name in dir(settings) if name.startswith("CELERY_")}
+    unknown = sorted(n for n in ours if n.removeprefix("CELERY_").lower() not in DEFAULTS)
+    assert ours and unknown == []
+
+
+def test_the_celery_app_is_configured_for_reliability():
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_soft_time_limit < conf.task_time_limit
+    if conf.broker_url.startswith("redis"):
+        assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+
+
+def _import_settings(**env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in {"DEBUG", "SECRET_KEY"}}
+    return subprocess.run(
+        [sys.executable, "-c", "import agentsite.settings"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_production_refuses_to_start_without_a_secret_key():
+    result = _import_settings(DEBUG="0")
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when DEBUG is off" in result.stderr
+
+
+def test_a_visibility_timeout_shorter_than_the_hard_time_limit_is_refused():
+    result = _import_settings(
+        DEBUG="1", AGENTSITE_BROKER_VISIBILITY_TIMEOUT="60", AGENTSITE_STEP_HARD_TIME_LIMIT="120"
+    )
+    assert result.returncode != 0 and "AGENTSITE_BROKER_VISIBILITY_TIMEOUT" in result.stderr
+
+
+def test_a_provider_without_a_base_url_is_refused():
+    result = _import_settings(DEBUG="1", AGENTSITE_PROVIDER_BROKEN_API_KEY="sk-x")
+    assert result.returncode != 0
+    assert "AGENTSITE_PROVIDER_BROKEN_BASE_URL is missing" in result.stderr
+    assert "sk-x" not in result.stderr
+
+
+def test_providers_are_read_from_the_environment():
+    result = subprocess.run(
+        [
+            sys.executable, "-c",
+            "import agentsite.settings as s; print(sorted(s.AGENTSITE_PROVIDERS['local'].items()))",
+        ],
+        env={
+            **os.environ, "DEBUG": "1",
+            "AGENTSITE_PROVIDER_LOCAL_BASE_URL": "http://127.0.0.1:8080/v1",
+            "AGENTSITE_PROVIDER_LOCAL_API_KEY": "k",
+            "AGENTSITE_PROVIDER_LOCAL_TIMEOUT": "7",
+        },
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.strip() == (
+        "[('api_key', 'k'), ('base_url', 'http://127.0.0.1:8080/v1'), ('timeout', '7')]"
+    )
