@@ -43,7 +43,21 @@ class AgentForm(forms.ModelForm):
 
     class Meta:
         model = Agent
-        exclude = ["current_version"]
+        fields = [
+            "slug",
+            "name",
+            "description",
+            "is_active",
+            "model_route",
+            "system_prompt",
+            "temperature",
+            "script",
+            "tools",
+            "max_steps",
+            "max_tokens_per_run",
+            "escalation_policy",
+            "output_schema",
+        ]
 
 
 class AgentVersionInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -95,8 +109,16 @@ class AgentVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class StepInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = Step
     fields = [
-        "index", "kind", "status", "model_route", "tool_name", "attempts", "latency_ms",
-        "input_tokens", "output_tokens", "error",
+        "index",
+        "kind",
+        "status",
+        "model_route",
+        "tool_name",
+        "attempts",
+        "latency_ms",
+        "input_tokens",
+        "output_tokens",
+        "error",
     ]
     readonly_fields = fields
     extra = 0
@@ -107,8 +129,15 @@ class StepInline(ReadOnlyAdminMixin, admin.TabularInline):
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "agent", "status", "owner", "model_route", "input_tokens", "output_tokens",
-        "created_at", "finished_at",
+        "id",
+        "agent",
+        "status",
+        "owner",
+        "model_route",
+        "input_tokens",
+        "output_tokens",
+        "created_at",
+        "finished_at",
     ]
     list_filter = ["status", "agent", "error_code", "created_at"]
     search_fields = ["id", "trace_id", "agent__slug", "owner__username"]
@@ -141,7 +170,14 @@ class RunAdmin(admin.ModelAdmin):
 @admin.register(Step)
 class StepAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
-        "run", "index", "kind", "status", "model_route", "tool_name", "attempts", "latency_ms",
+        "run",
+        "index",
+        "kind",
+        "status",
+        "model_route",
+        "tool_name",
+        "attempts",
+        "latency_ms",
         "created_at",
     ]
     list_filter = ["kind", "status", "tool_name"]
@@ -170,7 +206,9 @@ class ModelProviderForm(forms.ModelForm):
     api_key = forms.CharField(
         required=False,
         widget=forms.PasswordInput(render_value=False),
-        help_text="Write-only: stored encrypted and never shown. Leave blank to keep the current key.",
+        help_text=(
+            "Write-only: stored encrypted and never shown. Leave blank to keep the current key."
+        ),
     )
     clear_api_key = forms.BooleanField(required=False, label="Remove the stored key")
 

@@ -26,9 +26,7 @@ def _send(name: str, args: list[object], **options: object) -> None:
 
 def advance_run_on_commit(run_id: UUID | str, *, countdown: float | None = None) -> None:
     """Nudge ``advance_run(run_id)`` once the current transaction commits."""
-    transaction.on_commit(
-        lambda: _send("agents.advance_run", [str(run_id)], countdown=countdown)
-    )
+    transaction.on_commit(lambda: _send("agents.advance_run", [str(run_id)], countdown=countdown))
 
 
 def tool_call_on_commit(

@@ -303,7 +303,9 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                         )
                         return None
                     audit.record(
-                        "step.lease_expired", run=run, step_index=last.index,
+                        "step.lease_expired",
+                        run=run,
+                        step_index=last.index,
                         payload={"attempts": last.attempts},
                     )
                 claimed = Step.objects.filter(
@@ -409,9 +411,7 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
             ).update(status=Step.Status.PENDING, error=message, lease_expires_at=None)
             if not claimed:
                 return Outcome()
-            delay = backoff_seconds(
-                step.attempts, getattr(exc, "retry_after", None)
-            )
+            delay = backoff_seconds(step.attempts, getattr(exc, "retry_after", None))
             audit.record(
                 "step.retry_scheduled",
                 run=run,
@@ -445,7 +445,8 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
         recorded = Step.objects.filter(
             pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
         ).update(
-            status=Step.Status.SUCCEEDED if run.status == Run.Status.RUNNING
+            status=Step.Status.SUCCEEDED
+            if run.status == Run.Status.RUNNING
             else Step.Status.CANCELLED,
             response=response.to_json(),
             error="",

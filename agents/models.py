@@ -59,8 +59,8 @@ class Agent(models.Model):
         default=list,
         blank=True,
         help_text=(
-            "For scripted:* routes, the model's turns: a list of {\"text\": ...} or "
-            "{\"tool_calls\": [{\"name\": ..., \"arguments\": {...}}]}. "
+            'For scripted:* routes, the model\'s turns: a list of {"text": ...} or '
+            '{"tool_calls": [{"name": ..., "arguments": {...}}]}. '
             "Templates: {input}, {last_tool_result}, {tool_results}."
         ),
     )
@@ -159,7 +159,10 @@ class Session(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
         related_name="agent_sessions",
     )
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
@@ -185,14 +188,18 @@ class Run(models.Model):
     agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="runs")
     agent_version = models.ForeignKey(AgentVersion, on_delete=models.PROTECT, related_name="runs")
     owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
         related_name="agent_runs",
     )
     session = models.ForeignKey(
         Session, null=True, blank=True, on_delete=models.PROTECT, related_name="runs"
     )
     model_route = models.CharField(
-        max_length=200, validators=[ROUTE_VALIDATOR],
+        max_length=200,
+        validators=[ROUTE_VALIDATOR],
         help_text="The route this run calls: the version's, or an override given at submission.",
     )
     input = models.JSONField()
@@ -323,7 +330,11 @@ class AuditEvent(models.Model):
     actor = models.CharField(max_length=200, blank=True)
     action = models.CharField(max_length=64, db_index=True)
     run = models.ForeignKey(
-        Run, null=True, blank=True, on_delete=models.DO_NOTHING, related_name="audit_events",
+        Run,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        related_name="audit_events",
         db_constraint=False,
     )
     step_index = models.PositiveIntegerField(null=True, blank=True)

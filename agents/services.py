@@ -172,4 +172,3 @@ def set_provider_api_key(*, provider: ModelProvider, api_key: str) -> None:
         actor_type=AuditEvent.ActorType.SYSTEM,
         actor="admin",
     )
-

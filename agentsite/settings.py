@@ -111,8 +111,9 @@ TEMPLATES = [
 ]
 
 # --- Database ---------------------------------------------------------------------------------
-# Postgres uses Django's psycopg 3 connection pool (CONN_MAX_AGE must then be 0). The pool is
-# health-checked on checkout (CONN_HEALTH_CHECKS) so a restarted Postgres costs a retry, not a worker full of dead sockets.
+# Postgres uses Django's psycopg 3 connection pool (CONN_MAX_AGE must then be 0). Connections
+# are health-checked on checkout (CONN_HEALTH_CHECKS), so a restarted Postgres costs a retry,
+# not a worker full of dead sockets.
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
@@ -190,9 +191,9 @@ AGENTSITE_STEP_SOFT_TIME_LIMIT = env_int("AGENTSITE_STEP_SOFT_TIME_LIMIT", 120)
 AGENTSITE_STEP_HARD_TIME_LIMIT = env_int("AGENTSITE_STEP_HARD_TIME_LIMIT", 150)
 AGENTSITE_RETRY_BACKOFF_MAX = env_int("AGENTSITE_RETRY_BACKOFF_MAX", 60)
 AGENTSITE_BROKER_VISIBILITY_TIMEOUT = env_int("AGENTSITE_BROKER_VISIBILITY_TIMEOUT", 900)
-if AGENTSITE_BROKER_VISIBILITY_TIMEOUT <= max(
+if max(
     AGENTSITE_STEP_HARD_TIME_LIMIT, AGENTSITE_RETRY_BACKOFF_MAX
-):
+) >= AGENTSITE_BROKER_VISIBILITY_TIMEOUT:
     raise ImproperlyConfigured(
         "AGENTSITE_BROKER_VISIBILITY_TIMEOUT must exceed AGENTSITE_STEP_HARD_TIME_LIMIT and "
         "AGENTSITE_RETRY_BACKOFF_MAX, or Redis redelivers tasks that are still running"

@@ -140,9 +140,22 @@ def celery_worker(
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "agentsite", "worker",
-                "-Q", "models,tools,maintenance,default", "--concurrency", "4",
-                "--loglevel", "INFO", "-n", name, "--without-gossip", "--without-mingle",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "agentsite",
+                "worker",
+                "-Q",
+                "models,tools,maintenance,default",
+                "--concurrency",
+                "4",
+                "--loglevel",
+                "INFO",
+                "-n",
+                name,
+                "--without-gossip",
+                "--without-mingle",
             ],
             cwd=ROOT,
             env=env,
@@ -153,8 +166,7 @@ def celery_worker(
     worker = WorkerProcess(process, name, log)
     try:
         poll(
-            lambda: process.poll() is not None
-            or app.control.ping(destination=[name], timeout=0.5),
+            lambda: process.poll() is not None or app.control.ping(destination=[name], timeout=0.5),
             timeout=60,
             what="the Celery worker to answer a ping",
         )

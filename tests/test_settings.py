@@ -64,16 +64,20 @@ def test_a_provider_without_a_base_url_is_refused():
 def test_providers_are_read_from_the_environment():
     result = subprocess.run(
         [
-            sys.executable, "-c",
+            sys.executable,
+            "-c",
             "import agentsite.settings as s; print(sorted(s.AGENTSITE_PROVIDERS['local'].items()))",
         ],
         env={
-            **os.environ, "DEBUG": "1",
+            **os.environ,
+            "DEBUG": "1",
             "AGENTSITE_PROVIDER_LOCAL_BASE_URL": "http://127.0.0.1:8080/v1",
             "AGENTSITE_PROVIDER_LOCAL_API_KEY": "k",
             "AGENTSITE_PROVIDER_LOCAL_TIMEOUT": "7",
         },
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.strip() == (
         "[('api_key', 'k'), ('base_url', 'http://127.0.0.1:8080/v1'), ('timeout', '7')]"

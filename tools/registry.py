@@ -115,7 +115,9 @@ def tool(
         hints = typing.get_type_hints(func)
         args_model = hints.get(params[0]) if params else None
         if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
-            raise TypeError(f"tool {name!r}: first parameter must be annotated with a pydantic model")
+            raise TypeError(
+                f"tool {name!r}: first parameter must be annotated with a pydantic model"
+            )
         registry.register(
             ToolSpec(
                 name=name,

@@ -52,8 +52,10 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             )
             return None
         now = timezone.now()
-        if step.status == Step.Status.RUNNING and step.lease_expires_at and (
-            step.lease_expires_at > now
+        if (
+            step.status == Step.Status.RUNNING
+            and step.lease_expires_at
+            and (step.lease_expires_at > now)
         ):
             return None  # a live worker has it
         claimed = Step.objects.filter(
@@ -69,7 +71,9 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         step.refresh_from_db()
         if step.attempts > 1:
             audit.record(
-                "tool_call.attempt", run=run, step_index=step.index,
+                "tool_call.attempt",
+                run=run,
+                step_index=step.index,
                 payload={"tool": step.tool_name, "attempt": step.attempts},
             )
         return step
@@ -110,7 +114,9 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
         return ToolOutcome()
     except Exception as exc:
         logger.exception("tool %s crashed in run %s step %s", spec.name, step.run_id, step.index)
-        _record(step, error=f"the tool crashed: {type(exc).__name__}: {exc}", latency_ms=_ms(started))
+        _record(
+            step, error=f"the tool crashed: {type(exc).__name__}: {exc}", latency_ms=_ms(started)
+        )
         return ToolOutcome()
     else:
         _record(step, result=result, latency_ms=_ms(started))
@@ -130,9 +136,15 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
             ).update(status=Step.Status.PENDING, error=reason, lease_expires_at=None)
             if released:
                 audit.record(
-                    "step.retry_scheduled", run=run, step_index=step.index,
-                    payload={"tool": spec.name, "attempt": step.attempts, "error": reason,
-                             "retry_in": round(delay, 2)},
+                    "step.retry_scheduled",
+                    run=run,
+                    step_index=step.index,
+                    payload={
+                        "tool": spec.name,
+                        "attempt": step.attempts,
+                        "error": reason,
+                        "retry_in": round(delay, 2),
+                    },
                 )
         return ToolOutcome(retry_in=delay if released else None, timeout=spec.timeout)
     _record(

@@ -37,6 +37,4 @@ def execute_tool_call(run_id: str, step_index: int) -> None:
         return
     outcome = services.execute_tool_call(run_id=run_id, step_index=step_index)
     if outcome.retry_in is not None:
-        tool_call_on_commit(
-            run_id, step_index, timeout=outcome.timeout, countdown=outcome.retry_in
-        )
+        tool_call_on_commit(run_id, step_index, timeout=outcome.timeout, countdown=outcome.retry_in)

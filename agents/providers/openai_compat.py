@@ -154,9 +154,7 @@ def parse_chat_completion(body: str, *, request: ModelRequest, where: str) -> Mo
         input_tokens = int(usage["prompt_tokens"])
         output_tokens = int(usage.get("completion_tokens") or 0)
     else:
-        input_tokens = sum(
-            estimate_tokens(json.dumps(m.get("content"))) for m in request.messages
-        )
+        input_tokens = sum(estimate_tokens(json.dumps(m.get("content"))) for m in request.messages)
         output_tokens = estimate_tokens(content or "") + sum(
             estimate_tokens(json.dumps(c.arguments)) for c in calls
         )

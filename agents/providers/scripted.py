@@ -7,8 +7,9 @@ user message, so the provider keeps no state and a retried or redelivered call a
      {"text": "Here is what I found: {last_tool_result}"}]
 
 Templates: ``{input}`` (the last user message), ``{last_tool_result}``, ``{tool_results}``.
-Past the last turn, the last turn repeats. A turn may carry ``"fail": "transient"|"permanent"`` with ``"fail_attempts": N`` to fail its
-first N attempts, which is how tests exercise retries without a network.
+Past the end of the script, its last turn repeats. A turn may carry
+``"fail": "transient"|"permanent"`` with ``"fail_attempts": N`` to fail its first N attempts,
+which is how tests exercise retries without a network.
 """
 
 from __future__ import annotations
@@ -53,15 +54,14 @@ class ScriptedProvider:
 
     def complete(self, request: ModelRequest) -> ModelResponse:
         messages = request.messages
-        last_user = max(
-            (i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1
-        )
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
         turn = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
         last_assistant = max(
             (i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1
         )
         tool_results = [
-            _text_of(m.get("content")) for m in messages[last_assistant + 1 :]
+            _text_of(m.get("content"))
+            for m in messages[last_assistant + 1 :]
             if m.get("role") == "tool"
         ]
         values = {

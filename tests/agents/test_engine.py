@@ -33,14 +33,21 @@ def test_scripted_run_goes_model_tool_model_and_succeeds(make_agent):
     assert run.result == 'Result: {"expression": "6*7", "result": 42}'
     steps = list(run.steps.order_by("index"))
     assert [(s.kind, s.status) for s in steps] == [
-        ("model", "succeeded"), ("tool", "succeeded"), ("model", "succeeded"),
+        ("model", "succeeded"),
+        ("tool", "succeeded"),
+        ("model", "succeeded"),
     ]
     assert steps[1].parent_index == 0 and steps[1].response["result"] == 42
     assert run.input_tokens == sum(s.input_tokens for s in steps) > 0
     assert run.started_at and run.finished_at and run.finished_at >= run.started_at
     assert actions(run) == [
-        "run.submitted", "run.started", "step.succeeded", "tool_call.requested",
-        "tool_call.succeeded", "step.succeeded", "run.succeeded",
+        "run.submitted",
+        "run.started",
+        "step.succeeded",
+        "tool_call.requested",
+        "tool_call.succeeded",
+        "step.succeeded",
+        "run.succeeded",
     ]
     assert set(AuditEvent.objects.filter(run=run).values_list("trace_id", flat=True)) == {
         run.trace_id
@@ -122,9 +129,7 @@ def test_invalid_tool_arguments_are_refused_with_the_field_named(make_agent):
 
 def test_refusals_turn_after_turn_end_the_run_instead_of_looping(make_agent, settings):
     settings.AGENTSITE_MAX_REFUSALS = 2
-    agent = make_agent(
-        tools=[], script=[{"tool_calls": [{"name": "calculator", "arguments": {}}]}]
-    )
+    agent = make_agent(tools=[], script=[{"tool_calls": [{"name": "calculator", "arguments": {}}]}])
     run = drive(submit_run(agent=agent, input="hi").pk)
     assert run.status == Run.Status.FAILED and run.error_code == "too_many_refusals"
     assert run.steps.filter(kind=Step.Kind.MODEL).count() == 2
@@ -153,7 +158,9 @@ def test_parallel_tool_calls_all_finish_before_the_next_model_turn(make_agent):
 
     assert run.status == Run.Status.SUCCEEDED
     assert [s.status for s in run.steps.filter(kind="tool").order_by("index")] == [
-        "succeeded", "failed", "succeeded",
+        "succeeded",
+        "failed",
+        "succeeded",
     ]
     # A partial failure is reported to the model, not fatal to the run.
     assert run.result == (
@@ -261,7 +268,9 @@ def test_session_runs_see_earlier_turns_and_never_interleave(make_agent):
     drive(first.pk)
     plan = engine._plan(second.pk)
     assert [m["content"] for m in plan.messages] == [
-        "my name is Ada", "echo: my name is Ada", "what is my name?",
+        "my name is Ada",
+        "echo: my name is Ada",
+        "what is my name?",
     ]
 
 

@@ -41,7 +41,9 @@ def test_demo_agent_runs_succeed_on_a_real_worker(celery_worker):
     ]
     for run in finished:
         assert list(run.steps.order_by("index").values_list("kind", "status")) == [
-            ("model", "succeeded"), ("tool", "succeeded"), ("model", "succeeded"),
+            ("model", "succeeded"),
+            ("tool", "succeeded"),
+            ("model", "succeeded"),
         ]
         assert "Refund policy" in run.result
 
@@ -62,10 +64,12 @@ def test_openai_provider_over_http_with_parallel_tool_calls_and_retries(
     fake_openai.configure(
         model=model,
         fail_first=2,
-        tool_calls=[[
-            {"name": "calculator", "arguments": {"expression": "2+3"}},
-            {"name": "calculator", "arguments": {"expression": "10/4"}},
-        ]],
+        tool_calls=[
+            [
+                {"name": "calculator", "arguments": {"expression": "2+3"}},
+                {"name": "calculator", "arguments": {"expression": "10/4"}},
+            ]
+        ],
         final="Answer: {tool_results}",
     )
     agent = make_agent(model_route=f"fake:{model}", tools=["calculator"])
@@ -75,7 +79,9 @@ def test_openai_provider_over_http_with_parallel_tool_calls_and_retries(
     assert run.status == Run.Status.SUCCEEDED, run.error
     steps = list(run.steps.order_by("index"))
     assert [(s.kind, s.status, s.attempts) for s in steps] == [
-        ("model", "succeeded", 3), ("tool", "succeeded", 1), ("tool", "succeeded", 1),
+        ("model", "succeeded", 3),
+        ("tool", "succeeded", 1),
+        ("tool", "succeeded", 1),
         ("model", "succeeded", 1),
     ]
     assert {s.parent_index for s in steps[1:3]} == {0}
@@ -143,9 +149,11 @@ def test_a_redelivered_task_for_a_step_already_done_does_not_repeat_it(
     app.send_task("agents.advance_run", args=[str(run.pk)])
     app.send_task("tools.execute_tool_call", args=[str(run.pk), 1])
     poll(
-        lambda: (after := celery_worker.task_totals()).get("agents.advance_run", 0)
-        > before.get("agents.advance_run", 0)
-        and after.get("tools.execute_tool_call", 0) > before.get("tools.execute_tool_call", 0),
+        lambda: (
+            (after := celery_worker.task_totals()).get("agents.advance_run", 0)
+            > before.get("agents.advance_run", 0)
+            and after.get("tools.execute_tool_call", 0) > before.get("tools.execute_tool_call", 0)
+        ),
         what="the worker to process the redelivered tasks",
     )
 
@@ -159,7 +167,9 @@ def test_the_reconciler_resumes_a_run_whose_message_was_lost(celery_worker, make
     stale = timezone.now() - timedelta(minutes=10)
     # A queued run whose nudge never reached the broker.
     run = Run.objects.create(
-        agent=agent, agent_version=agent.current_version, model_route="scripted:demo",
+        agent=agent,
+        agent_version=agent.current_version,
+        model_route="scripted:demo",
         input="lost",
     )
     Run.objects.filter(pk=run.pk).update(updated_at=stale)

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 from django.conf import settings
@@ -49,10 +48,22 @@ class Command(BaseCommand):
         )
         worker = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "agentsite", "worker",
-                "-Q", "models,tools,maintenance,default", "--concurrency", "2",
-                "--loglevel", "INFO", "-n", f"demo-{os.getpid()}@%h",
-                "--without-gossip", "--without-mingle",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "agentsite",
+                "worker",
+                "-Q",
+                "models,tools,maintenance,default",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"demo-{os.getpid()}@%h",
+                "--without-gossip",
+                "--without-mingle",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -62,10 +73,16 @@ class Command(BaseCommand):
         failed = []
         try:
             for slug, text in DEMO_RUNS:
-                self.stdout.write(self.style.MIGRATE_HEADING(f"\n$ run_agent {slug} {text!r} --wait"))
+                self.stdout.write(
+                    self.style.MIGRATE_HEADING(f"\n$ run_agent {slug} {text!r} --wait")
+                )
                 try:
                     call_command(
-                        "run_agent", slug, text, wait=True, timeout=options["timeout"],
+                        "run_agent",
+                        slug,
+                        text,
+                        wait=True,
+                        timeout=options["timeout"],
                         stdout=self.stdout,
                     )
                 except CommandError as exc:

@@ -65,8 +65,9 @@ class Command(BaseCommand):
             run = submit_run(agent=options["agent"], input=value, model_route=options["model"])
         except AgentsError as exc:
             raise CommandError(str(exc)) from None
-        self.stdout.write(f"run {run.pk} queued ({run.agent.slug} v{run.agent_version.number}, "
-                          f"{run.model_route})")
+        self.stdout.write(
+            f"run {run.pk} queued ({run.agent.slug} v{run.agent_version.number}, {run.model_route})"
+        )
         if not options["wait"]:
             return
         self._follow(run, options["timeout"])
@@ -91,9 +92,7 @@ class Command(BaseCommand):
                     f"run {run.pk} still {run.status} after {timeout:g}s; is a worker running?"
                 )
             time.sleep(0.2)
-        self.stdout.write(
-            f"tokens: {run.input_tokens} in, {run.output_tokens} out"
-        )
+        self.stdout.write(f"tokens: {run.input_tokens} in, {run.output_tokens} out")
         if run.status != Run.Status.SUCCEEDED:
             raise CommandError(f"run {run.pk} {run.status}: [{run.error_code}] {run.error}")
         self.stdout.write(self.style.SUCCESS(f"result: {_clip(run.result, 2000)}"))

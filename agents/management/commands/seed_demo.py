@@ -89,4 +89,6 @@ class Command(BaseCommand):
                 setattr(agent, field, value)
             save_agent(agent=agent)
             self.stdout.write(f"agent {agent.slug}: {agent.current_version}")
-        self.stdout.write(self.style.SUCCESS(f"seeded {len(ARTICLES)} articles, {len(AGENTS)} agents"))
+        self.stdout.write(
+            self.style.SUCCESS(f"seeded {len(ARTICLES)} articles, {len(AGENTS)} agents")
+        )
