@@ -60,10 +60,32 @@ class AgentForm(forms.ModelForm):
         ]
 
 
+VERSION_FIELDS = (
+    "number",
+    "model_route",
+    "tools",
+    "max_steps",
+    "digest",
+    "created_at",
+    "created_by",
+)
+STEP_FIELDS = (
+    "index",
+    "kind",
+    "status",
+    "model_route",
+    "tool_name",
+    "attempts",
+    "latency_ms",
+    "input_tokens",
+    "output_tokens",
+    "error",
+)
+
+
 class AgentVersionInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = AgentVersion
-    fields = ["number", "model_route", "tools", "max_steps", "digest", "created_at", "created_by"]
-    readonly_fields = fields
+    fields = readonly_fields = VERSION_FIELDS
     extra = 0
     show_change_link = True
     ordering = ["-number"]
@@ -108,19 +130,7 @@ class AgentVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 class StepInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = Step
-    fields = [
-        "index",
-        "kind",
-        "status",
-        "model_route",
-        "tool_name",
-        "attempts",
-        "latency_ms",
-        "input_tokens",
-        "output_tokens",
-        "error",
-    ]
-    readonly_fields = fields
+    fields = readonly_fields = STEP_FIELDS
     extra = 0
     show_change_link = True
     ordering = ["index"]

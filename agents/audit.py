@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .models import AuditEvent, Run
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who did it: the system (engine, reconciler, cli), a user, or an agent (its model route)."""
+
+    type: str
+    name: str
+
+    @classmethod
+    def system(cls, name: str) -> Actor:
+        return cls(AuditEvent.ActorType.SYSTEM, name)
+
+    @classmethod
+    def agent(cls, route: str) -> Actor:
+        return cls(AuditEvent.ActorType.AGENT, route)
+
+    @classmethod
+    def user(cls, user: User | None, *, otherwise: str = "cli") -> Actor:
+        if user is None:
+            return cls.system(otherwise)
+        return cls(AuditEvent.ActorType.USER, user.get_username())
+
+
+ENGINE = Actor.system("engine")
 
 
 def record(
@@ -12,16 +41,15 @@ def record(
     *,
     run: Run | None = None,
     step_index: int | None = None,
-    actor_type: str = AuditEvent.ActorType.SYSTEM,
-    actor: str = "engine",
+    by: Actor = ENGINE,
     payload: dict[str, Any] | None = None,
 ) -> AuditEvent:
     return AuditEvent.objects.create(
         action=action,
         run=run,
         step_index=step_index,
-        actor_type=actor_type,
-        actor=actor,
+        actor_type=by.type,
+        actor=by.name,
         trace_id=run.trace_id if run is not None else "",
         payload=payload or {},
     )

@@ -32,7 +32,7 @@ from tools.registry import ToolArgumentsInvalid, registry
 
 from . import audit
 from .dispatch import advance_run_on_commit, tool_call_on_commit
-from .models import AuditEvent, Run, Step
+from .models import Run, Step
 from .providers import (
     ModelRequest,
     ModelResponse,
@@ -73,7 +73,7 @@ def _transition(
     from_statuses: tuple[str, ...],
     to: str,
     action: str,
-    actor: dict[str, str] | None = None,
+    by: audit.Actor = audit.ENGINE,
     payload: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
@@ -89,7 +89,7 @@ def _transition(
     run.updated_at = now
     for name, value in fields.items():
         setattr(run, name, value)
-    audit.record(action, run=run, payload=payload, **(actor or {}))
+    audit.record(action, run=run, payload=payload, by=by)
     return True
 
 
@@ -100,7 +100,7 @@ def finish_run(
     result: Any = None,
     error_code: str = "",
     error: str = "",
-    actor: dict[str, str] | None = None,
+    by: audit.Actor = audit.ENGINE,
 ) -> bool:
     """End a run (succeeded, failed or cancelled), stop its pending steps and let the next run
     of its session start. Call inside a transaction holding the run's lock."""
@@ -109,7 +109,7 @@ def finish_run(
         from_statuses=Run.ACTIVE_STATUSES,
         to=status,
         action=f"run.{status}",
-        actor=actor,
+        by=by,
         payload={"error_code": error_code, "error": error} if error else {},
         result=result,
         error_code=error_code,
@@ -469,8 +469,7 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
             "step.succeeded",
             run=run,
             step_index=step.index,
-            actor_type=AuditEvent.ActorType.AGENT,
-            actor=run.model_route,
+            by=audit.Actor.agent(run.model_route),
             payload={
                 "kind": "model",
                 "model": response.raw_model,
@@ -543,8 +542,7 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
                 "tool_call.requested",
                 run=run,
                 step_index=step.index,
-                actor_type=AuditEvent.ActorType.AGENT,
-                actor=run.model_route,
+                by=audit.Actor.agent(run.model_route),
                 payload={"tool": call.name, "call_id": call.id},
             )
             tool_call_on_commit(run.pk, step.index, timeout=spec.timeout)

@@ -65,7 +65,7 @@ def reconcile_stalled_runs(*, limit: int = 500) -> int:
             audit.record(
                 "run.nudged",
                 run=run,
-                actor="reconciler",
+                by=audit.Actor.system("reconciler"),
                 payload={"tool_steps": [s.index for s in tool_steps]},
             )
             nudged += 1

@@ -6,27 +6,22 @@ import json
 from typing import Any
 from uuid import UUID
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Max
 
 from . import audit
+from .audit import Actor
 from .dispatch import advance_run_on_commit
 from .exceptions import AgentNotFound, AgentUnavailable, InvalidRunInput, RunAlreadyFinished
-from .models import ROUTE_VALIDATOR, Agent, AgentVersion, AuditEvent, ModelProvider, Run, Session
+from .models import ROUTE_VALIDATOR, Agent, AgentVersion, ModelProvider, Run, Session
 from .secretbox import encrypt
 
 MAX_INPUT_BYTES = 256 * 1024
 
 
-def _actor(user: AbstractBaseUser | None) -> dict[str, str]:
-    if user is None:
-        return {"actor_type": AuditEvent.ActorType.SYSTEM, "actor": "cli"}
-    return {"actor_type": AuditEvent.ActorType.USER, "actor": user.get_username()}
-
-
-def publish_agent_version(*, agent: Agent, user: AbstractBaseUser | None = None) -> AgentVersion:
+def publish_agent_version(*, agent: Agent, user: User | None = None) -> AgentVersion:
     """Freeze the agent's configuration as a new version, unless it equals the current one.
 
     Runs already started keep the version they pinned. Call inside a transaction.
@@ -46,13 +41,13 @@ def publish_agent_version(*, agent: Agent, user: AbstractBaseUser | None = None)
     audit.record(
         "agent.version_published",
         payload={"agent": agent.slug, "version": number, "digest": digest},
-        **_actor(user),
+        by=Actor.user(user),
     )
     return version
 
 
 @transaction.atomic
-def save_agent(*, agent: Agent, user: AbstractBaseUser | None = None) -> Agent:
+def save_agent(*, agent: Agent, user: User | None = None) -> Agent:
     """Validate and save an agent; publish a new version when its configuration changed."""
     agent.full_clean()
     agent.save()
@@ -78,7 +73,7 @@ def submit_run(
     *,
     agent: Agent | str,
     input: Any,
-    owner: AbstractBaseUser | None = None,
+    owner: User | None = None,
     session: Session | None = None,
     model_route: str | None = None,
     metadata: dict[str, Any] | None = None,
@@ -129,18 +124,18 @@ def submit_run(
                 "model_route": run.model_route,
                 "session": str(session.pk) if session else None,
             },
-            **_actor(owner),
+            by=Actor.user(owner),
         )
         advance_run_on_commit(run.pk)
     return run
 
 
-def start_session(*, agent: Agent, owner: AbstractBaseUser | None = None) -> Session:
+def start_session(*, agent: Agent, owner: User | None = None) -> Session:
     """A new conversation: runs naming it see the earlier turns."""
     return Session.objects.create(agent=agent, owner=owner)
 
 
-def cancel_run(*, run_id: UUID | str, user: AbstractBaseUser | None = None) -> Run:
+def cancel_run(*, run_id: UUID | str, user: User | None = None) -> Run:
     """Cancel a run that has not finished. A step in flight finishes but its result is not used.
 
     Raises RunAlreadyFinished for a run in a final status.
@@ -156,7 +151,7 @@ def cancel_run(*, run_id: UUID | str, user: AbstractBaseUser | None = None) -> R
             Run.Status.CANCELLED,
             error_code="cancelled",
             error="cancelled by " + (user.get_username() if user else "an operator"),
-            actor=_actor(user),
+            by=Actor.user(user, otherwise="operator"),
         )
     return run
 
@@ -169,6 +164,5 @@ def set_provider_api_key(*, provider: ModelProvider, api_key: str) -> None:
     audit.record(
         "provider.key_changed",
         payload={"provider": provider.name, "cleared": not api_key},
-        actor_type=AuditEvent.ActorType.SYSTEM,
-        actor="admin",
+        by=Actor.system("admin"),
     )

@@ -149,10 +149,12 @@ def parse_chat_completion(body: str, *, request: ModelRequest, where: str) -> Mo
         raise InvalidProviderResponse(f"{where} answered neither text nor tool calls")
 
     usage = data.get("usage")
-    reported = isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
-    if reported:
+    reported = False
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        reported = True
         input_tokens = int(usage["prompt_tokens"])
-        output_tokens = int(usage.get("completion_tokens") or 0)
+        completion = usage.get("completion_tokens")
+        output_tokens = completion if isinstance(completion, int) else 0
     else:
         input_tokens = sum(estimate_tokens(json.dumps(m.get("content"))) for m in request.messages)
         output_tokens = estimate_tokens(content or "") + sum(
