@@ -159,6 +159,10 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = os.environ.get("STATIC_ROOT", str(DATA_DIR / "static"))
 # WhiteNoise serves the admin's static files from gunicorn; no separate web server is needed.
+if DEBUG:
+    # Development serves static files straight from the apps (no collectstatic needed).
+    WHITENOISE_USE_FINDERS = True
+    Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},

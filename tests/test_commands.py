@@ -1,0 +1,117 @@
+"""The management commands: seed_demo is idempotent; run_agent validates before it queues."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from agents.models import Agent, AgentVersion, AuditEvent, Run
+from tools.models import KnowledgeArticle
+
+pytestmark = pytest.mark.django_db
+
+
+def run_command(*args: str, **options: object) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO(), **options)
+    return out.getvalue()
+
+
+def test_seed_demo_is_idempotent():
+    first = run_command("seed_demo")
+    assert "seeded 5 articles, 2 agents" in first
+    articles = dict(KnowledgeArticle.objects.values_list("title", "body"))
+    assert len(articles) == 5 and "Refund policy" in articles
+
+    second = run_command("seed_demo")
+    assert "support-assistant: support-assistant v1" in second
+    assert "math-tutor: math-tutor v1" in second
+
+    assert set(Agent.objects.values_list("slug", flat=True)) == {"support-assistant", "math-tutor"}
+    for slug, tools in [
+        ("support-assistant", ["calculator", "search_knowledge"]),
+        ("math-tutor", ["calculator"]),
+    ]:
+        agent = Agent.objects.get(slug=slug)
+        assert agent.current_version.number == 1, slug
+        assert agent.current_version.tools == tools
+        assert AgentVersion.objects.filter(agent=agent).count() == 1, slug
+    assert KnowledgeArticle.objects.count() == 5
+    assert dict(KnowledgeArticle.objects.values_list("title", "body")) == articles
+    assert AuditEvent.objects.filter(action="agent.version_published").count() == 2
+
+
+def test_seed_demo_restores_a_drifted_demo_agent_without_a_new_version():
+    run_command("seed_demo")
+    Agent.objects.filter(slug="math-tutor").update(max_steps=99)
+    run_command("seed_demo")
+    agent = Agent.objects.get(slug="math-tutor")
+    assert agent.max_steps == 6
+    # The stored configuration went back to the seeded one, equal to version 1's snapshot.
+    assert agent.current_version.number == 1
+
+
+def test_run_agent_with_an_unknown_agent_names_the_known_ones(make_agent):
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    make_agent(slug="beta", script=[{"text": "hi"}])
+    with pytest.raises(CommandError) as excinfo:
+        run_command("run_agent", "nope", "hello")
+    message = str(excinfo.value)
+    assert "'nope'" in message and "alpha" in message and "beta" in message
+    assert not Run.objects.exists()
+
+
+def test_run_agent_with_no_agents_at_all_suggests_seed_demo():
+    with pytest.raises(CommandError, match="seed_demo"):
+        run_command("run_agent", "nope", "hello")
+
+
+def test_run_agent_json_with_invalid_json_is_rejected(make_agent):
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    with pytest.raises(CommandError, match="JSON"):
+        run_command("run_agent", "alpha", "{not json", json=True)
+    assert not Run.objects.exists()
+
+
+def test_run_agent_json_queues_the_parsed_object(make_agent):
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    run_command("run_agent", "alpha", '{"question": "why?"}', json=True)
+    assert Run.objects.get().input == {"question": "why?"}
+
+
+def test_run_agent_with_an_invalid_model_route_is_rejected(make_agent):
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    with pytest.raises(CommandError) as excinfo:
+        run_command("run_agent", "alpha", "hello", model="no route")
+    assert "invalid model route" in str(excinfo.value)
+    assert "'no route'" in str(excinfo.value)
+    assert not Run.objects.exists()
+
+
+def test_run_agent_with_empty_input_is_rejected(make_agent):
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    with pytest.raises(CommandError, match="must not be empty"):
+        run_command("run_agent", "alpha", "   ")
+
+
+def test_run_agent_without_wait_queues_a_run(make_agent):
+    agent = make_agent(slug="alpha", script=[{"text": "hi"}])
+    out = run_command("run_agent", "alpha", "hello", model="other:model-x")
+
+    run = Run.objects.get()
+    assert run.status == Run.Status.QUEUED
+    assert run.agent == agent and run.agent_version == agent.current_version
+    assert run.input == "hello" and run.model_route == "other:model-x"
+    assert out.strip() == f"run {run.pk} queued (alpha v1, other:model-x)"
+    assert AuditEvent.objects.get(run=run).actor == "cli"
+
+
+def test_run_agent_uses_the_versions_route_by_default():
+    run_command("seed_demo")
+    out = run_command("run_agent", "math-tutor", "1+2")
+    run = Run.objects.get()
+    assert "queued" in out and run.status == Run.Status.QUEUED
+    assert run.model_route == "scripted:demo"
