@@ -78,13 +78,15 @@ class Command(BaseCommand):
         status = run.status
         while True:
             run.refresh_from_db()
+            if run.status != status and not run.is_final:
+                status = run.status
+                self.stdout.write(f"run {status}")
             for step in run.steps.order_by("index"):
                 if step.index not in printed and step.status in Step.DONE_STATUSES:
                     printed.add(step.index)
                     self.stdout.write(describe_step(step))
-            if run.status != status:
-                status = run.status
-                self.stdout.write(f"run {status}")
+            if run.is_final:
+                self.stdout.write(f"run {run.status}")
             if run.is_final:
                 break
             if time.monotonic() > deadline:
