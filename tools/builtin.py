@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -36,26 +37,33 @@ class CalculatorArgs(BaseModel):
     )
 
 
+def _checked(value: Any) -> float | int:
+    if isinstance(value, complex):
+        raise ToolError("the result is not a real number")
+    if not math.isfinite(value) or abs(value) > _MAX_MAGNITUDE:
+        raise ToolError("result out of range")
+    return value
+
+
 def _evaluate(node: ast.AST) -> float | int:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
         if isinstance(node.value, bool):
             raise ToolError("booleans are not numbers here")
-        return node.value
+        return _checked(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and (abs(right) > 100 or abs(left) > 1e6):
             raise ToolError("exponent too large")
         try:
-            value = _BINARY[type(node.op)](left, right)
+            return _checked(_BINARY[type(node.op)](left, right))
         except ZeroDivisionError:
             raise ToolError("division by zero") from None
-        if isinstance(value, complex) or abs(value) > _MAX_MAGNITUDE:
-            raise ToolError("result out of range")
-        return value
+        except OverflowError:
+            raise ToolError("result out of range") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_evaluate(node.operand))
+        return _checked(_UNARY[type(node.op)](_evaluate(node.operand)))
     raise ToolError(f"unsupported expression element: {type(node).__name__}")
 
 
@@ -67,7 +75,7 @@ def _evaluate(node: ast.AST) -> float | int:
 )
 def calculator(args: CalculatorArgs, ctx: ToolContext) -> dict[str, Any]:
     try:
-        tree = ast.parse(args.expression, mode="eval")
+        tree = ast.parse(args.expression.strip(), mode="eval")
     except SyntaxError:
         raise ToolError(f"not an arithmetic expression: {args.expression!r}") from None
     value = _evaluate(tree)

@@ -112,7 +112,10 @@ def tool(
 
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
         params = list(inspect.signature(func).parameters)
-        hints = typing.get_type_hints(func)
+        try:
+            hints = typing.get_type_hints(func)
+        except NameError as exc:
+            raise TypeError(f"tool {name!r}: cannot resolve its annotations ({exc})") from None
         args_model = hints.get(params[0]) if params else None
         if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
             raise TypeError(

@@ -58,6 +58,23 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             and (step.lease_expires_at > now)
         ):
             return None  # a live worker has it
+        if step.status == Step.Status.RUNNING and step.attempts >= _max_attempts(step.tool_name):
+            # Its worker died (killed, or over the hard time limit) on every attempt: stop
+            # rather than repeat a side effect forever, and let the model read the failure.
+            Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
+                status=Step.Status.FAILED,
+                error=f"the worker performing it was lost on all {step.attempts} attempts",
+                finished_at=now,
+                lease_expires_at=None,
+            )
+            audit.record(
+                "tool_call.failed",
+                run=run,
+                step_index=step.index,
+                payload={"tool": step.tool_name, "error": "worker lost on every attempt"},
+            )
+            advance_run_on_commit(run.pk)
+            return None
         claimed = Step.objects.filter(
             pk=step.pk, status=step.status, attempts=step.attempts
         ).update(
@@ -79,8 +96,14 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         return step
 
 
+def _max_attempts(tool_name: str) -> int:
+    spec = registry.get(tool_name)
+    return max(settings.AGENTSITE_STEP_MAX_ATTEMPTS, spec.retries + 1 if spec else 1)
+
+
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+    # allow_nan=False: Postgres jsonb refuses NaN and Infinity, so such a result is a tool error.
+    return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
 
 
 def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:

@@ -58,6 +58,8 @@ def resolve_route(route: str) -> tuple[ModelProvider, str]:
             model,
         )
     conf = settings.AGENTSITE_PROVIDERS.get(name)
+    if conf is None and ProviderRow.objects.filter(name=name, enabled=False).exists():
+        raise PermanentProviderError(f"model provider {name!r} is disabled in the admin")
     if conf is None:
         raise PermanentProviderError(
             f"unknown model provider {name!r} in route {route!r}: set "

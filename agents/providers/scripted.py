@@ -15,6 +15,7 @@ which is how tests exercise retries without a network.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .base import (
@@ -37,11 +38,13 @@ def _text_of(content: Any) -> str:
     return json.dumps(content)
 
 
+_PLACEHOLDER = re.compile(r"\{(input|last_tool_result|tool_results)\}")
+
+
 def _fill(template: Any, values: dict[str, str]) -> Any:
     if isinstance(template, str):
-        for key, value in values.items():
-            template = template.replace("{" + key + "}", value)
-        return template
+        # One pass, so a placeholder inside the user's input is left as the user wrote it.
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
     if isinstance(template, list):
         return [_fill(item, values) for item in template]
     if isinstance(template, dict):

@@ -317,3 +317,21 @@ def test_audit_events_are_append_only(make_agent):
         event.save()
     with pytest.raises(Exception, match="append-only"):
         event.delete()
+
+
+def test_a_tool_call_whose_worker_dies_every_time_fails_instead_of_repeating(make_agent):
+    from tools.services import _claim
+
+    agent = make_agent(tools=["calculator"], script=SEARCH_THEN_ANSWER)
+    run = submit_run(agent=agent, input="2+2")
+    engine.advance(run.pk)
+    for attempt in range(1, 5):  # calculator: 3 retries, so 4 attempts in all
+        step = _claim(run.pk, 1)
+        assert step is not None and step.attempts == attempt
+        Step.objects.filter(pk=step.pk).update(lease_expires_at=timezone.now())  # worker lost
+    assert _claim(run.pk, 1) is None
+
+    step = Step.objects.get(run=run, index=1)
+    assert step.status == Step.Status.FAILED and "lost on all 4 attempts" in step.error
+    run = drive(run.pk)
+    assert run.status == Run.Status.SUCCEEDED and "lost on all 4 attempts" in run.result
