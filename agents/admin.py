@@ -13,7 +13,7 @@ from tools.registry import registry
 
 from . import services
 from .exceptions import RunAlreadyFinished
-from .models import Agent, AgentVersion, AuditEvent, ModelProvider, Run, Session, Step
+from .models import Agent, AgentVersion, ApiKey, AuditEvent, ModelProvider, Run, Session, Step
 
 
 class ReadOnlyAdminMixin:
@@ -250,3 +250,25 @@ class ModelProviderAdmin(admin.ModelAdmin):
             services.set_provider_api_key(provider=obj, api_key="")
         elif form.cleaned_data.get("api_key"):
             services.set_provider_api_key(provider=obj, api_key=form.cleaned_data["api_key"])
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys are created with ``manage.py create_api_key`` (the plain key is shown only there);
+    here they are listed and revoked."""
+
+    list_display = ["prefix", "name", "user", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at"]
+    search_fields = ["prefix", "name", "user__username"]
+    readonly_fields = ["user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    fields = ["name", *readonly_fields]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Revoke the selected keys", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            services.revoke_api_key(api_key=key, by=request.user)  # type: ignore[arg-type]
+        self.message_user(request, f"Revoked {queryset.count()} keys.")

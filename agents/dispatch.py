@@ -42,3 +42,8 @@ def tool_call_on_commit(
             time_limit=timeout + 10,
         )
     )
+
+
+def webhook_on_commit(run_id: UUID | str) -> None:
+    """Deliver the finished run's webhook once the current transaction commits."""
+    transaction.on_commit(lambda: _send("agents.deliver_webhook", [str(run_id)]))

@@ -31,7 +31,7 @@ from django.utils import timezone
 from tools.registry import ToolArgumentsInvalid, registry
 
 from . import audit
-from .dispatch import advance_run_on_commit, tool_call_on_commit
+from .dispatch import advance_run_on_commit, tool_call_on_commit, webhook_on_commit
 from .models import Run, Step
 from .providers import (
     ModelRequest,
@@ -121,6 +121,9 @@ def finish_run(
     Step.objects.filter(run=run, status=Step.Status.PENDING).update(
         status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None
     )
+    if run.webhook_url:
+        Run.objects.filter(pk=run.pk).update(webhook_status="pending")
+        webhook_on_commit(run.pk)
     if run.session_id is not None:
         successor = (
             Run.objects.filter(session_id=run.session_id, status=Run.Status.QUEUED)

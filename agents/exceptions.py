@@ -23,3 +23,15 @@ class InvalidRunInput(AgentsError):
 
 class RunAlreadyFinished(AgentsError):
     code = "run_already_finished"
+
+
+class IdempotencyConflict(AgentsError):
+    code = "idempotency_conflict"
+
+
+class SessionBusy(AgentsError):
+    code = "session_busy"
+
+
+class TooManyActiveRuns(AgentsError):
+    code = "too_many_active_runs"

@@ -154,10 +154,38 @@ class AgentVersion(models.Model):
         return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
 
 
+class ApiKey(models.Model):
+    """A client's credential: ``Authorization: Bearer <key>``. Only a hash of the key is kept."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name or self.user})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
 class Session(models.Model):
-    """Conversation memory shared by the runs that name it: the model sees earlier turns."""
+    """Conversation memory shared by the runs that name it: the model sees earlier turns.
+
+    Clients name a session with their own ``key`` (e.g. their conversation id)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    key = models.CharField(max_length=200, default=new_trace_id)
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -168,8 +196,13 @@ class Session(models.Model):
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "key"], name="session_unique_owner_key")
+        ]
+
     def __str__(self) -> str:
-        return str(self.id)
+        return self.key
 
 
 class Run(models.Model):
@@ -202,8 +235,19 @@ class Run(models.Model):
         validators=[ROUTE_VALIDATOR],
         help_text="The route this run calls: the version's, or an override given at submission.",
     )
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
     input = models.JSONField()
     metadata = models.JSONField(default=dict, blank=True)
+    # A client's Idempotency-Key and the digest of the request it came with.
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    request_digest = models.CharField(max_length=64, blank=True)
+    webhook_url = models.URLField(max_length=1000, blank=True)
+    webhook_status = models.CharField(
+        max_length=12, blank=True, help_text="pending, delivered or failed"
+    )
+    webhook_attempts = models.PositiveIntegerField(default=0)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     cancel_requested = models.BooleanField(default=False)
     result = models.JSONField(null=True, blank=True)
@@ -225,6 +269,13 @@ class Run(models.Model):
             models.Index(fields=["status", "updated_at"], name="run_status_updated"),
             models.Index(fields=["owner", "-created_at"], name="run_owner_created"),
             models.Index(fields=["session", "created_at"], name="run_session_created"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="run_unique_owner_idempotency_key",
+            )
         ]
 
     def __str__(self) -> str:

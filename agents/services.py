@@ -6,17 +6,28 @@ import json
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Max
+from django.utils import timezone
 
-from . import audit
+from . import apikeys, audit
 from .audit import Actor
 from .dispatch import advance_run_on_commit
-from .exceptions import AgentNotFound, AgentUnavailable, InvalidRunInput, RunAlreadyFinished
-from .models import ROUTE_VALIDATOR, Agent, AgentVersion, ModelProvider, Run, Session
+from .exceptions import (
+    AgentNotFound,
+    AgentUnavailable,
+    IdempotencyConflict,
+    InvalidRunInput,
+    RunAlreadyFinished,
+    SessionBusy,
+    TooManyActiveRuns,
+)
+from .models import ROUTE_VALIDATOR, Agent, AgentVersion, ApiKey, ModelProvider, Run, Session
 from .secretbox import encrypt
+from .webhooks import check_webhook_url
 
 MAX_INPUT_BYTES = 256 * 1024
 
@@ -69,18 +80,64 @@ def _normalise_input(value: Any) -> Any:
     return value
 
 
+def _resolve_session(
+    *, agent: Agent, owner: User | None, session: Session | str | None, on_conflict: str
+) -> Session | None:
+    """The run's session (created on first use of a key), after the ``on_conflict`` check."""
+    if session is None:
+        return None
+    if isinstance(session, str):
+        key = session.strip()
+        if not key or len(key) > 200:
+            raise InvalidRunInput("a session key is 1 to 200 characters", field="session")
+        found, _ = Session.objects.get_or_create(owner=owner, key=key, defaults={"agent": agent})
+        session = found
+    if session.agent_id != agent.pk:
+        raise InvalidRunInput("the session belongs to another agent", field="session")
+    if on_conflict not in ("enqueue", "reject"):
+        raise InvalidRunInput("on_conflict is 'enqueue' or 'reject'", field="on_conflict")
+    if on_conflict == "reject":
+        # Lock the session's row so two submissions cannot both see it idle.
+        Session.objects.select_for_update().filter(pk=session.pk).first()
+        if session.runs.filter(status__in=Run.ACTIVE_STATUSES).exists():
+            raise SessionBusy(f"session {session.key!r} already has a run in progress")
+    return session
+
+
+def _check_active_run_cap(api_key: ApiKey) -> None:
+    """Refuse a run past the key's cap on unfinished runs. Call inside the transaction: the
+    key's row lock makes the count and the insert one atomic step across web processes."""
+    cap = settings.AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY
+    if not cap:
+        return
+    ApiKey.objects.select_for_update().filter(pk=api_key.pk).first()
+    active = Run.objects.filter(api_key=api_key, status__in=Run.ACTIVE_STATUSES).count()
+    if active >= cap:
+        raise TooManyActiveRuns(
+            f"this API key has {active} runs not yet finished; the limit is {cap}"
+        )
+
+
 def submit_run(
     *,
     agent: Agent | str,
     input: Any,
     owner: User | None = None,
-    session: Session | None = None,
+    api_key: ApiKey | None = None,
+    session: Session | str | None = None,
+    on_conflict: str = "enqueue",
     model_route: str | None = None,
     metadata: dict[str, Any] | None = None,
+    webhook_url: str = "",
+    idempotency_key: str = "",
+    request_digest: str = "",
 ) -> Run:
     """Record a queued run pinned to the agent's current version and nudge a worker on commit.
 
-    ``model_route`` overrides the version's route for this run only.
+    ``model_route`` overrides the version's route for this run only. ``session`` is a Session
+    or a client's session key (created on first use); with ``on_conflict="reject"`` a session
+    that has a run in progress raises SessionBusy, otherwise the run waits its turn. Nothing is
+    published unless the run is committed.
     """
     if isinstance(agent, str):
         found = Agent.objects.filter(slug=agent).select_related("current_version").first()
@@ -102,18 +159,27 @@ def submit_run(
             ) from None
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRunInput("metadata must be a JSON object", field="metadata")
-    if session is not None and session.agent_id != agent.pk:
-        raise InvalidRunInput("the session belongs to another agent", field="session")
+    if webhook_url:
+        check_webhook_url(webhook_url)
 
     with transaction.atomic():
+        if api_key is not None:
+            _check_active_run_cap(api_key)
+        run_session = _resolve_session(
+            agent=agent, owner=owner, session=session, on_conflict=on_conflict
+        )
         run = Run.objects.create(
             agent=agent,
             agent_version=version,
             owner=owner,
-            session=session,
+            api_key=api_key,
+            session=run_session,
             model_route=model_route or version.model_route,
             input=value,
             metadata=metadata or {},
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
+            request_digest=request_digest,
         )
         audit.record(
             "run.submitted",
@@ -122,7 +188,8 @@ def submit_run(
                 "agent": agent.slug,
                 "version": version.number,
                 "model_route": run.model_route,
-                "session": str(session.pk) if session else None,
+                "session": run_session.key if run_session else None,
+                "api_key": api_key.prefix if api_key else None,
             },
             by=Actor.user(owner),
         )
@@ -130,9 +197,46 @@ def submit_run(
     return run
 
 
-def start_session(*, agent: Agent, owner: User | None = None) -> Session:
+def submit_run_idempotently(
+    *, owner: User, idempotency_key: str, request_digest: str, **fields: Any
+) -> tuple[Run, bool]:
+    """``submit_run`` keyed by a client's Idempotency-Key: the same key and request return the
+    run first created (``created`` False); the same key with another request raises
+    IdempotencyConflict. Safe under concurrent identical requests (a unique constraint decides).
+    """
+    if len(idempotency_key) > 200:
+        raise InvalidRunInput("Idempotency-Key is at most 200 characters", field="idempotency_key")
+
+    def replay() -> Run | None:
+        existing = Run.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        if existing is not None and existing.request_digest != request_digest:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request"
+            )
+        return existing
+
+    if (existing := replay()) is not None:
+        return existing, False
+    try:
+        with transaction.atomic():
+            run = submit_run(
+                owner=owner,
+                idempotency_key=idempotency_key,
+                request_digest=request_digest,
+                **fields,
+            )
+    except IntegrityError:
+        if (existing := replay()) is not None:
+            return existing, False
+        raise
+    return run, True
+
+
+def start_session(*, agent: Agent, owner: User | None = None, key: str | None = None) -> Session:
     """A new conversation: runs naming it see the earlier turns."""
-    return Session.objects.create(agent=agent, owner=owner)
+    if key is None:
+        return Session.objects.create(agent=agent, owner=owner)
+    return Session.objects.create(agent=agent, owner=owner, key=key)
 
 
 def cancel_run(*, run_id: UUID | str, user: User | None = None) -> Run:
@@ -166,3 +270,29 @@ def set_provider_api_key(*, provider: ModelProvider, api_key: str) -> None:
         payload={"provider": provider.name, "cleared": not api_key},
         by=Actor.system("admin"),
     )
+
+
+@transaction.atomic
+def create_api_key(*, user: User, name: str = "") -> tuple[ApiKey, str]:
+    """A new key for ``user``; returns the row and the plain key, which is never stored."""
+    plain, prefix = apikeys.generate()
+    key = ApiKey.objects.create(
+        user=user, name=name, prefix=prefix, key_hash=apikeys.hash_key(plain)
+    )
+    audit.record(
+        "api_key.created", payload={"prefix": prefix, "user": user.get_username(), "name": name}
+    )
+    return key, plain
+
+
+@transaction.atomic
+def revoke_api_key(*, api_key: ApiKey, by: User | None = None) -> None:
+    """Revoke a key at once; requests with it answer 401 from now on."""
+    if ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    ):
+        audit.record(
+            "api_key.revoked",
+            payload={"prefix": api_key.prefix},
+            by=Actor.user(by, otherwise="admin"),
+        )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from uuid import UUID
 
 from celery import shared_task
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from . import engine, reconciler
+from . import engine, reconciler, webhooks
 from .dispatch import advance_run_on_commit
 
 logger = logging.getLogger(__name__)
@@ -48,3 +50,21 @@ def advance_run(self: object, run_id: str) -> None:
 def reconcile_runs() -> None:
     """Periodic (beat): nudge runs whose messages were lost."""
     reconciler.reconcile_stalled_runs()
+
+
+@shared_task(
+    name="agents.deliver_webhook",
+    bind=True,
+    acks_late=True,
+    max_retries=None,  # bounded by AGENTSITE_WEBHOOK_MAX_ATTEMPTS below
+    soft_time_limit=60,
+    time_limit=90,
+)
+def deliver_webhook(self: Any, run_id: str) -> None:
+    """POST a finished run to its webhook; retried with exponential backoff and jitter."""
+    attempt = self.request.retries + 1
+    final = attempt >= settings.AGENTSITE_WEBHOOK_MAX_ATTEMPTS
+    try:
+        webhooks.deliver(run_id, attempt=attempt, final_attempt=final)
+    except webhooks.WebhookFailed as exc:
+        raise self.retry(countdown=engine.backoff_seconds(attempt), exc=exc) from None

@@ -75,12 +75,15 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "agents",
     "tools",
     "approvals",
 ]
 
 MIDDLEWARE = [
+    "agentsite.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -172,11 +175,31 @@ STORAGES = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "agents.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_THROTTLE_CLASSES": ["agentsite.ratelimit.ApiKeyRateThrottle"],
+    "DEFAULT_PAGINATION_CLASS": "agentsite.pagination.ClampedLimitOffsetPagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "EXCEPTION_HANDLER": "agentsite.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Agentsite API",
+    "DESCRIPTION": "Submit agent runs, follow them, cancel them. Authenticate with "
+    "`Authorization: Bearer <key>` (`python manage.py create_api_key <user>`).",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # --- Celery -----------------------------------------------------------------------------------
@@ -195,9 +218,10 @@ AGENTSITE_STEP_SOFT_TIME_LIMIT = env_int("AGENTSITE_STEP_SOFT_TIME_LIMIT", 120)
 AGENTSITE_STEP_HARD_TIME_LIMIT = env_int("AGENTSITE_STEP_HARD_TIME_LIMIT", 150)
 AGENTSITE_RETRY_BACKOFF_MAX = env_int("AGENTSITE_RETRY_BACKOFF_MAX", 60)
 AGENTSITE_BROKER_VISIBILITY_TIMEOUT = env_int("AGENTSITE_BROKER_VISIBILITY_TIMEOUT", 900)
-if max(
-    AGENTSITE_STEP_HARD_TIME_LIMIT, AGENTSITE_RETRY_BACKOFF_MAX
-) >= AGENTSITE_BROKER_VISIBILITY_TIMEOUT:
+if (
+    max(AGENTSITE_STEP_HARD_TIME_LIMIT, AGENTSITE_RETRY_BACKOFF_MAX)
+    >= AGENTSITE_BROKER_VISIBILITY_TIMEOUT
+):
     raise ImproperlyConfigured(
         "AGENTSITE_BROKER_VISIBILITY_TIMEOUT must exceed AGENTSITE_STEP_HARD_TIME_LIMIT and "
         "AGENTSITE_RETRY_BACKOFF_MAX, or Redis redelivers tasks that are still running"
@@ -237,6 +261,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "agents.advance_run": {"queue": "models"},
     "agents.reconcile_runs": {"queue": "maintenance"},
+    "agents.deliver_webhook": {"queue": "maintenance"},
     "tools.execute_tool_call": {"queue": "tools"},
 }
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower shows tasks as they happen
@@ -282,6 +307,29 @@ for _name, _conf in AGENTSITE_PROVIDERS.items():
         )
 if "scripted" in AGENTSITE_PROVIDERS:
     raise ImproperlyConfigured("provider name 'scripted' is reserved for the built-in provider")
+
+# --- REST API ---------------------------------------------------------------------------------
+
+# Bodies larger than this are refused with 413 before anything parses them.
+AGENTSITE_MAX_REQUEST_BYTES = env_int("AGENTSITE_MAX_REQUEST_BYTES", 512 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = AGENTSITE_MAX_REQUEST_BYTES
+AGENTSITE_API_MAX_PAGE_SIZE = env_int("AGENTSITE_API_MAX_PAGE_SIZE", 100)
+# Requests per key per window ("<n>/<second|minute|hour>"; empty disables), counted in Redis.
+AGENTSITE_API_RATE_LIMIT = os.environ.get("AGENTSITE_API_RATE_LIMIT", "1200/minute")
+# Runs not yet finished per API key (0 disables).
+AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY = env_int("AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY", 200)
+AGENTSITE_WEBHOOK_ALLOWED_HOSTS = env_list("AGENTSITE_WEBHOOK_ALLOWED_HOSTS")
+AGENTSITE_WEBHOOK_SECRET = os.environ.get("AGENTSITE_WEBHOOK_SECRET", "")
+if not AGENTSITE_WEBHOOK_SECRET:
+    import hashlib as _hashlib
+
+    AGENTSITE_WEBHOOK_SECRET = _hashlib.sha256(
+        f"agentsite-webhook:{SECRET_KEY}".encode()
+    ).hexdigest()
+AGENTSITE_EVENTS_POLL_SECONDS = env_float("AGENTSITE_EVENTS_POLL_SECONDS", 0.5)
+AGENTSITE_EVENTS_MAX_SECONDS = env_int("AGENTSITE_EVENTS_MAX_SECONDS", 600)
+AGENTSITE_WEBHOOK_TIMEOUT = env_float("AGENTSITE_WEBHOOK_TIMEOUT", 10.0)
+AGENTSITE_WEBHOOK_MAX_ATTEMPTS = env_int("AGENTSITE_WEBHOOK_MAX_ATTEMPTS", 8)
 
 # --- Logging ----------------------------------------------------------------------------------
 

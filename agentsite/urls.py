@@ -1,13 +1,34 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
+from django.views import defaults
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
 
+from agents.api import AgentViewSet, RunViewSet
+from agents.events import run_events_view
+
+from .errors import json_or_default
 from .health import healthz, readyz
 
 admin.site.site_header = "Agentsite"
 admin.site.site_title = "Agentsite admin"
 
+router = SimpleRouter()
+router.register("agents", AgentViewSet, basename="agent")
+router.register("runs", RunViewSet, basename="run")
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    # Streams (SSE) under ASGI, or answers the JSON page of RunViewSet.events.
+    path("api/v1/runs/<uuid:pk>/events/", run_events_view, name="run-events-stream"),
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]
+
+handler404 = json_or_default(defaults.page_not_found, "not_found", "Not found.", 404)
+handler500 = json_or_default(defaults.server_error, "server_error", "Internal server error.", 500)
+handler400 = json_or_default(defaults.bad_request, "bad_request", "Bad request.", 400)
+handler403 = json_or_default(defaults.permission_denied, "permission_denied", "Forbidden.", 403)

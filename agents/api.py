@@ -1,0 +1,183 @@
+"""The REST API: thin views over agents.services. Paths and status codes are the contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from . import services
+from .models import Agent, ApiKey, AuditEvent, Run
+from .serializers import (
+    AgentSerializer,
+    EventPageSerializer,
+    EventSerializer,
+    RunCreateSerializer,
+    RunFilterSerializer,
+    RunSerializer,
+    StepSerializer,
+)
+
+EVENTS_PAGE = 500
+ERROR_RESPONSES = {
+    400: OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid request (error shape)"),
+    401: OpenApiResponse(OpenApiTypes.OBJECT, description="Missing or invalid API key"),
+    404: OpenApiResponse(OpenApiTypes.OBJECT, description="Not found (or not yours)"),
+    429: OpenApiResponse(OpenApiTypes.OBJECT, description="Rate limited; see Retry-After"),
+}
+
+
+class AgentViewSet(viewsets.ReadOnlyModelViewSet):
+    """The agents a caller may run, with their current version and tools."""
+
+    serializer_class = AgentSerializer
+    lookup_field = "slug"
+    lookup_value_regex = "[-a-zA-Z0-9_]+"
+
+    def get_queryset(self) -> QuerySet[Agent]:
+        return (
+            Agent.objects.filter(is_active=True, current_version__isnull=False)
+            .select_related("current_version")
+            .order_by("slug")
+        )
+
+
+@extend_schema(responses=ERROR_RESPONSES)
+class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Runs of the caller's own: another owner's run answers 404."""
+
+    serializer_class = RunSerializer
+    lookup_value_regex = "[0-9a-fA-F-]{32,36}"
+
+    def get_queryset(self) -> QuerySet[Run]:
+        runs = Run.objects.filter(owner=self.request.user).select_related(
+            "agent", "agent_version", "session"
+        )
+        if self.action != "list":
+            return runs
+        filters = RunFilterSerializer(data=self.request.query_params.dict())
+        filters.is_valid(raise_exception=True)
+        f = filters.validated_data
+        if "status" in f:
+            runs = runs.filter(status=f["status"])
+        if "agent" in f:
+            runs = runs.filter(agent__slug=f["agent"])
+        if "created_after" in f:
+            runs = runs.filter(created_at__gte=f["created_after"])
+        if "created_before" in f:
+            runs = runs.filter(created_at__lt=f["created_before"])
+        return runs.order_by("-created_at", "-pk")
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("status", str, enum=[s.value for s in Run.Status]),
+            OpenApiParameter("agent", str),
+            OpenApiParameter("created_after", OpenApiTypes.DATETIME),
+            OpenApiParameter("created_before", OpenApiTypes.DATETIME),
+        ]
+    )
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=RunCreateSerializer,
+        responses={202: RunSerializer, 409: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                description="The same key and body return the same run; another body → 409.",
+            )
+        ],
+    )
+    def create(self, request: Request) -> Response:
+        """Submit a run: 202 with the queued run. A worker picks it up at once."""
+        incoming = RunCreateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        fields: dict[str, Any] = {
+            "agent": data["agent"],
+            "input": data["input"],
+            "owner": request.user,
+            "api_key": request.auth if isinstance(request.auth, ApiKey) else None,
+            "session": data.get("session"),
+            "on_conflict": data["on_conflict"],
+            "metadata": data.get("metadata"),
+            "webhook_url": data.get("webhook_url") or "",
+        }
+        idempotency_key = request.headers.get("Idempotency-Key", "").strip()
+        if idempotency_key:
+            run, created = services.submit_run_idempotently(
+                idempotency_key=idempotency_key, request_digest=incoming.digest(), **fields
+            )
+        else:
+            run, created = services.submit_run(**fields), True
+        headers = {"Location": f"/api/v1/runs/{run.pk}/"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED, headers=headers)
+
+    @extend_schema(responses={200: StepSerializer(many=True), **ERROR_RESPONSES})
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def steps(self, request: Request, pk: str | None = None) -> Response:
+        """Every step of the run, in order."""
+        run = self.get_object()
+        return Response(StepSerializer(run.steps.order_by("index"), many=True).data)
+
+    @extend_schema(request=None, responses={202: RunSerializer, 409: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        """Cancel the run: 202 and the run, now cancelled; 409 if it had already finished."""
+        run = self.get_object()
+        run = services.cancel_run(run_id=run.pk, user=request.user)
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "after", int, description="Only events with a larger id (for polling)."
+            )
+        ],
+        responses={200: EventPageSerializer, **ERROR_RESPONSES},
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def events(self, request: Request, pk: str | None = None) -> Response:
+        """The run's events after ``after``, as JSON. With ``Accept: text/event-stream`` the same
+        URL streams them as Server-Sent Events until the run ends (see the README)."""
+        run = self.get_object()
+        after = parse_after(request.query_params.get("after"))
+        events = list(run_events(run.pk, after)[:EVENTS_PAGE])
+        return Response(
+            {
+                "events": EventSerializer(events, many=True).data,
+                "run_status": run.status,
+                "finished": run.is_final and len(events) < EVENTS_PAGE,
+                "last_event_id": events[-1].id if events else after,
+            }
+        )
+
+
+def parse_after(value: str | None) -> int | None:
+    from rest_framework.exceptions import ValidationError
+
+    if value is None or value == "":
+        return None
+    try:
+        after = int(value)
+    except (TypeError, ValueError):
+        raise ValidationError({"after": ["Must be an event id (an integer)."]}) from None
+    if after < 0:
+        raise ValidationError({"after": ["Must not be negative."]})
+    return after
+
+
+def run_events(run_id: Any, after: int | None) -> QuerySet[AuditEvent]:
+    events = AuditEvent.objects.filter(run_id=run_id).order_by("id")
+    return events.filter(id__gt=after) if after is not None else events

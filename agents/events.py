@@ -1,0 +1,111 @@
+"""Server-Sent Events for a run: its steps and status changes as they happen.
+
+``GET /api/v1/runs/{id}/events/`` with ``Accept: text/event-stream`` streams; any other Accept
+gets the JSON page from the API view. The stream is an async generator: served under ASGI
+(uvicorn, as the README deploys it) it holds no thread while it waits, only a coroutine. It
+reads new audit events every ``AGENTSITE_EVENTS_POLL_SECONDS``, sends a comment every 15 s to
+keep proxies from closing it, ends after the run's final event, and resumes from
+``Last-Event-ID`` (or ``?after=``) when a client reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+
+from agentsite.errors import error_body
+
+from . import apikeys
+from .api import EVENTS_PAGE, RunViewSet, run_events
+from .models import Run
+from .serializers import EventSerializer
+
+KEEPALIVE_SECONDS = 15.0
+_json_view = RunViewSet.as_view({"get": "events"})
+
+
+def _wants_stream(request: HttpRequest) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+async def _caller(request: HttpRequest) -> Any:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if header and scheme.lower() == "bearer":
+        key = await sync_to_async(apikeys.lookup)(token.strip())
+        return key.user if key is not None else None
+    user = await request.auser()
+    return user if user.is_authenticated else None
+
+
+def _format(event: Any) -> str:
+    data = EventSerializer(event).data
+    return f"id: {event.id}\nevent: {event.action}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+async def _stream(run_id: UUID, after: int | None) -> AsyncIterator[str]:
+    deadline = time.monotonic() + settings.AGENTSITE_EVENTS_MAX_SECONDS
+    last_sent = time.monotonic()
+    yield "retry: 1000\n\n"
+    while True:
+        events = [e async for e in run_events(run_id, after)[:EVENTS_PAGE]]
+        for event in events:
+            after = event.id
+            yield _format(event)
+            last_sent = time.monotonic()
+        if len(events) == EVENTS_PAGE:
+            continue
+        status = await Run.objects.filter(pk=run_id).values_list("status", flat=True).afirst()
+        if status is None or status in Run.FINAL_STATUSES:
+            # Events of the final transition are written in its transaction: all are read.
+            tail = [e async for e in run_events(run_id, after)]
+            for event in tail:
+                yield _format(event)
+            yield f"event: end\ndata: {json.dumps({'run_status': status})}\n\n"
+            return
+        if time.monotonic() > deadline:
+            yield "event: timeout\ndata: {}\n\n"  # reconnect with Last-Event-ID to go on
+            return
+        if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+            yield ": keepalive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(settings.AGENTSITE_EVENTS_POLL_SECONDS)
+
+
+async def run_events_view(request: HttpRequest, pk: UUID) -> HttpResponseBase:
+    if not _wants_stream(request):
+        response = await sync_to_async(_json_view)(request, pk=str(pk))
+        await sync_to_async(response.render)()
+        return response
+    user = await _caller(request)
+    if user is None:
+        return JsonResponse(
+            error_body("not_authenticated", "Authentication credentials were not provided."),
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not await Run.objects.filter(pk=pk, owner=user).aexists():
+        return JsonResponse(error_body("not_found", "Not found."), status=404)
+    raw_after = request.headers.get("Last-Event-ID") or request.GET.get("after") or ""
+    try:
+        after = int(raw_after) if raw_after else None
+    except ValueError:
+        return JsonResponse(
+            error_body(
+                "invalid", "after: Must be an event id.", {"after": ["Must be an integer."]}
+            ),
+            status=400,
+        )
+    response = StreamingHttpResponse(_stream(pk, after), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response

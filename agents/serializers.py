@@ -1,0 +1,269 @@
+"""API shapes: input serializers validate what clients send; output serializers render rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from tools.registry import registry
+
+from .models import Agent, AuditEvent, Run, Step
+
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class StrictSerializer(serializers.Serializer):
+    """Unknown fields are an error, so a client cannot believe it set ``status`` or ``owner``."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown: dict[str, list[str]] = {}
+        if isinstance(data, dict):
+            unknown = {
+                name: ["Unknown field; it cannot be set by a client."]
+                for name in sorted(set(data) - set(self.fields))
+            }
+        try:
+            value = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            detail = exc.detail if isinstance(exc.detail, dict) else {}
+            raise serializers.ValidationError({**detail, **unknown}) from None
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return value
+
+
+class ToolSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    description = serializers.CharField()
+    parameters = serializers.DictField()
+
+
+class AgentSerializer(serializers.ModelSerializer):
+    version = serializers.IntegerField(source="current_version.number")
+    model_route = serializers.CharField(source="current_version.model_route")
+    tools = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Agent
+        fields = ["slug", "name", "description", "version", "model_route", "tools"]
+
+    @extend_schema_field(ToolSerializer(many=True))
+    def get_tools(self, agent: Agent) -> list[dict[str, Any]]:
+        specs = [registry.get(name) for name in agent.current_version.tools]  # type: ignore[union-attr]
+        return [
+            {"name": s.name, "description": s.description, "parameters": s.parameters_schema()}
+            for s in specs
+            if s is not None
+        ]
+
+
+@extend_schema_field({"oneOf": [{"type": "string", "minLength": 1}, {"type": "object"}]})
+class RunInputField(serializers.JSONField):
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str):
+            if not data.strip():
+                raise serializers.ValidationError("Must not be empty.")
+            return data
+        if isinstance(data, dict):
+            return data
+        raise serializers.ValidationError("Must be a string or a JSON object.")
+
+
+class RunCreateSerializer(StrictSerializer):
+    agent = serializers.SlugField(max_length=80, help_text="The agent's slug.")
+    input = RunInputField(help_text="Text, or a JSON object.")
+    session = serializers.CharField(
+        max_length=200,
+        required=False,
+        allow_null=True,
+        help_text="Your conversation id: runs naming the same session see earlier turns.",
+    )
+    on_conflict = serializers.ChoiceField(
+        choices=["enqueue", "reject"],
+        default="enqueue",
+        help_text="If the session has a run in progress: wait for it, or answer 409.",
+    )
+    metadata = serializers.DictField(required=False, help_text="Yours; returned as given.")
+    webhook_url = serializers.URLField(
+        max_length=1000,
+        required=False,
+        allow_blank=True,
+        help_text="POSTed the run's final representation, signed (see the README).",
+    )
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value)) > MAX_METADATA_BYTES:
+            raise serializers.ValidationError(f"At most {MAX_METADATA_BYTES} bytes of JSON.")
+        return value
+
+    def digest(self) -> str:
+        """A fingerprint of the request, to tell an idempotent replay from a reuse of its key."""
+        canonical = json.dumps(self.validated_data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class UsageSerializer(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    cost = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=True)
+
+
+class WebhookSerializer(serializers.Serializer):
+    url = serializers.CharField()
+    status = serializers.CharField()
+    attempts = serializers.IntegerField()
+
+
+class LinksSerializer(serializers.Serializer):
+    self = serializers.CharField()
+    steps = serializers.CharField()
+    events = serializers.CharField()
+    cancel = serializers.CharField()
+
+
+class RunSerializer(serializers.ModelSerializer):
+    agent = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    agent_version = serializers.IntegerField(source="agent_version.number", read_only=True)
+    input = serializers.JSONField()
+    result = serializers.JSONField(allow_null=True)
+    error = serializers.SerializerMethodField()
+    usage = serializers.SerializerMethodField()
+    session = serializers.SlugRelatedField(slug_field="key", read_only=True, allow_null=True)
+    webhook = serializers.SerializerMethodField()
+    pending_approval = serializers.SerializerMethodField()
+    links = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "agent",
+            "agent_version",
+            "status",
+            "input",
+            "result",
+            "error",
+            "usage",
+            "session",
+            "metadata",
+            "model_route",
+            "trace_id",
+            "webhook",
+            "pending_approval",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "links",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ErrorSerializer(allow_null=True))
+    def get_error(self, run: Run) -> dict[str, str] | None:
+        if not run.error and not run.error_code:
+            return None
+        return {"code": run.error_code, "message": run.error}
+
+    @extend_schema_field(UsageSerializer)
+    def get_usage(self, run: Run) -> dict[str, Any]:
+        return {
+            "input_tokens": run.input_tokens,
+            "output_tokens": run.output_tokens,
+            "cost": f"{run.cost:.6f}",
+        }
+
+    @extend_schema_field(WebhookSerializer(allow_null=True))
+    def get_webhook(self, run: Run) -> dict[str, Any] | None:
+        if not run.webhook_url:
+            return None
+        return {
+            "url": run.webhook_url,
+            "status": run.webhook_status or "pending",
+            "attempts": run.webhook_attempts,
+        }
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_pending_approval(self, run: Run) -> None:
+        return None  # the review queue (approvals) fills this in
+
+    @extend_schema_field(LinksSerializer)
+    def get_links(self, run: Run) -> dict[str, str]:
+        base = f"/api/v1/runs/{run.pk}/"
+        return {
+            "self": base,
+            "steps": base + "steps/",
+            "events": base + "events/",
+            "cancel": base + "cancel/",
+        }
+
+
+class StepSerializer(serializers.ModelSerializer):
+    arguments = serializers.SerializerMethodField()
+    output = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Step
+        fields = [
+            "index",
+            "kind",
+            "status",
+            "attempts",
+            "parent_index",
+            "model_route",
+            "tool_name",
+            "tool_call_id",
+            "arguments",
+            "output",
+            "error",
+            "latency_ms",
+            "input_tokens",
+            "output_tokens",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.ANY)
+    def get_arguments(self, step: Step) -> Any:
+        return step.request.get("arguments") if step.kind == Step.Kind.TOOL else None
+
+    @extend_schema_field(OpenApiTypes.ANY)
+    def get_output(self, step: Step) -> Any:
+        return step.response
+
+
+class EventSerializer(serializers.ModelSerializer):
+    type = serializers.CharField(source="action")
+    step = serializers.IntegerField(source="step_index", allow_null=True)
+    data = serializers.JSONField(source="payload")
+
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "type", "created_at", "step", "data"]
+        read_only_fields = fields
+
+
+class EventPageSerializer(serializers.Serializer):
+    events = EventSerializer(many=True)
+    run_status = serializers.CharField()
+    finished = serializers.BooleanField()
+    last_event_id = serializers.IntegerField(allow_null=True)
+
+
+class RunFilterSerializer(StrictSerializer):
+    status = serializers.ChoiceField(choices=Run.Status.choices, required=False)
+    agent = serializers.SlugField(required=False)
+    created_after = serializers.DateTimeField(required=False)
+    created_before = serializers.DateTimeField(required=False)
+    limit = serializers.IntegerField(required=False, min_value=1)
+    offset = serializers.IntegerField(required=False, min_value=0)

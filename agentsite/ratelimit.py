@@ -1,0 +1,90 @@
+"""Per-key request rate limits, counted atomically in Redis so they hold across web processes.
+
+A fixed window per key: one Lua script increments the window's counter and sets its expiry in
+one step, so concurrent requests can never both slip under the limit (DRF's cache-based
+throttles read and write in two steps and race). Without Redis (the embedded default) limits
+are off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from django.conf import settings
+from rest_framework.throttling import BaseThrottle
+
+logger = logging.getLogger(__name__)
+
+_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {count, ttl}
+"""
+_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_client_lock = threading.Lock()
+_client: Any = None
+_script: Any = None
+
+
+def parse_rate(rate: str) -> tuple[int, int] | None:
+    """'1200/minute' -> (1200, 60); '' -> None."""
+    if not rate:
+        return None
+    count, _, period = rate.partition("/")
+    try:
+        return int(count), _PERIODS[period.strip().rstrip("s")]
+    except (ValueError, KeyError):
+        raise ValueError(f"invalid rate {rate!r}: use '<n>/<second|minute|hour|day>'") from None
+
+
+def _redis() -> tuple[Any, Any]:
+    global _client, _script
+    with _client_lock:
+        if _client is None:
+            import redis
+
+            _client = redis.Redis.from_url(
+                settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1
+            )
+            _script = _client.register_script(_SCRIPT)
+        return _client, _script
+
+
+def hit(bucket: str, *, limit: int, period: int) -> tuple[bool, float]:
+    """Count one request in ``bucket``; returns (allowed, seconds until the window resets)."""
+    _, script = _redis()
+    count, ttl_ms = script(keys=[f"agentsite:rate:{bucket}"], args=[period * 1000])
+    return int(count) <= limit, max(0.0, int(ttl_ms) / 1000)
+
+
+class ApiKeyRateThrottle(BaseThrottle):
+    """``AGENTSITE_API_RATE_LIMIT`` per API key (or per user for session auth)."""
+
+    def __init__(self) -> None:
+        self._wait: float | None = None
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        rate = parse_rate(settings.AGENTSITE_API_RATE_LIMIT)
+        if rate is None or not settings.REDIS_URL:
+            return True
+        if request.auth is not None and hasattr(request.auth, "prefix"):
+            bucket = f"key:{request.auth.prefix}"
+        elif request.user is not None and request.user.is_authenticated:
+            bucket = f"user:{request.user.pk}"
+        else:
+            bucket = f"ip:{self.get_ident(request)}"
+        try:
+            allowed, reset = hit(bucket, limit=rate[0], period=rate[1])
+        except Exception as exc:  # Redis down: serve rather than refuse every client
+            logger.warning("rate limiting unavailable: %s", exc)
+            return True
+        if not allowed:
+            self._wait = max(1.0, reset)
+        return allowed
+
+    def wait(self) -> float | None:
+        return self._wait
