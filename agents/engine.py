@@ -24,7 +24,7 @@ from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -32,7 +32,8 @@ from tools.registry import ToolArgumentsInvalid, registry
 
 from . import audit
 from .dispatch import advance_run_on_commit, tool_call_on_commit, webhook_on_commit
-from .models import Run, Step
+from .jsonsafe import count, json_safe
+from .models import Run, Session, Step
 from .providers import (
     ModelRequest,
     ModelResponse,
@@ -60,7 +61,9 @@ def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
     ceiling = min(cap, settings.AGENTSITE_RETRY_BACKOFF_BASE * 2 ** max(0, attempt - 1))
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)
     if retry_after is not None:
-        delay = max(delay, retry_after)
+        # A server's Retry-After is honoured up to its own, larger cap; the wait is kept in
+        # Postgres (not_before), so the reconciler resumes it even if the message is lost.
+        return min(max(delay, retry_after), float(settings.AGENTSITE_RETRY_AFTER_MAX))
     return min(delay, cap)
 
 
@@ -118,13 +121,17 @@ def finish_run(
     )
     if not done:
         return False
-    Step.objects.filter(run=run, status=Step.Status.PENDING).update(
+    # A step still running finishes on its worker, but its result will not be recorded.
+    Step.objects.filter(run=run, status__in=(Step.Status.PENDING, Step.Status.RUNNING)).update(
         status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None
     )
     if run.webhook_url:
         Run.objects.filter(pk=run.pk).update(webhook_status="pending")
         webhook_on_commit(run.pk)
     if run.session_id is not None:
+        # Under the session's lock, so a successor that checked us while we were still running
+        # has committed and is seen here (see _plan).
+        Session.objects.select_for_update().filter(pk=run.session_id).first()
         successor = (
             Run.objects.filter(session_id=run.session_id, status=Run.Status.QUEUED)
             .order_by("created_at")
@@ -270,6 +277,8 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
         if run is None or run.status not in (Run.Status.QUEUED, Run.Status.RUNNING):
             return None
         if run.status == Run.Status.QUEUED:
+            if run.session_id is not None:
+                Session.objects.select_for_update().filter(pk=run.session_id).first()
             if _blocked_by_session(run):
                 return None  # the session's earlier run nudges this one when it ends
             _transition(
@@ -290,6 +299,8 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             if last.status in (Step.Status.PENDING, Step.Status.RUNNING):
                 if last.status == Step.Status.RUNNING and not _lease_expired(last):
                     return None  # a live worker has it
+                if last.not_before is not None and last.not_before > _now():
+                    return None  # backing off; the delayed nudge (or the reconciler) comes back
                 if last.status == Step.Status.RUNNING:
                     if last.attempts >= settings.AGENTSITE_STEP_MAX_ATTEMPTS:
                         Step.objects.filter(pk=last.pk, status=Step.Status.RUNNING).update(
@@ -317,6 +328,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                     status=Step.Status.RUNNING,
                     attempts=F("attempts") + 1,
                     lease_expires_at=_lease(),
+                    not_before=None,
                     started_at=_now(),
                 )
                 if not claimed:
@@ -393,28 +405,50 @@ def advance(run_id: UUID | str) -> Outcome:
         )
     except ProviderError as exc:
         return _model_step_failed(step, exc)
+    except DatabaseError as exc:  # e.g. reading the provider's row during a Postgres restart
+        return _model_step_failed(step, TransientProviderError(f"database unavailable: {exc}"))
     except Exception as exc:  # a bug, not a provider problem: fail visibly, do not loop
         logger.exception("model step %s of run %s crashed", step.index, run.pk)
         return _model_step_failed(step, exc)
     latency_ms = int((time.monotonic() - started) * 1000)
-    _record_model_answer(step, response, latency_ms)
+    # The answer is paid for: ride out a short database blip rather than throw it away.
+    for attempt in range(3):
+        try:
+            _record_model_answer(step, response, latency_ms)
+            break
+        except OperationalError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     return Outcome()
 
 
 def _model_step_failed(step: Step, exc: Exception) -> Outcome:
     transient = isinstance(exc, ProviderError) and exc.transient
     code = exc.code if isinstance(exc, ProviderError) else "internal_error"
-    message = str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+    message = json_safe(
+        str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+    )
     max_attempts = settings.AGENTSITE_STEP_MAX_ATTEMPTS
     with transaction.atomic():
         run = Run.objects.select_for_update().get(pk=step.run_id)
+        if run.status != Run.Status.RUNNING:  # cancelled meanwhile: no retry, no failure
+            Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
+                status=Step.Status.CANCELLED, error=message, lease_expires_at=None
+            )
+            return Outcome()
         if transient and step.attempts < max_attempts:
+            delay = backoff_seconds(step.attempts, getattr(exc, "retry_after", None))
             claimed = Step.objects.filter(
                 pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
-            ).update(status=Step.Status.PENDING, error=message, lease_expires_at=None)
+            ).update(
+                status=Step.Status.PENDING,
+                error=message,
+                lease_expires_at=None,
+                not_before=_now() + timedelta(seconds=delay),
+            )
             if not claimed:
                 return Outcome()
-            delay = backoff_seconds(step.attempts, getattr(exc, "retry_after", None))
             audit.record(
                 "step.retry_scheduled",
                 run=run,
@@ -445,13 +479,15 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
 def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -> None:
     with transaction.atomic():
         run = Run.objects.select_for_update().select_related("agent_version").get(pk=step.run_id)
+        response.input_tokens = count(response.input_tokens)
+        response.output_tokens = count(response.output_tokens)
         recorded = Step.objects.filter(
             pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
         ).update(
             status=Step.Status.SUCCEEDED
             if run.status == Run.Status.RUNNING
             else Step.Status.CANCELLED,
-            response=response.to_json(),
+            response=json_safe(response.to_json()),
             error="",
             input_tokens=response.input_tokens,
             output_tokens=response.output_tokens,
@@ -469,7 +505,7 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
         )
         run.refresh_from_db(fields=["input_tokens", "output_tokens", "status"])
         audit.record(
-            "step.succeeded",
+            "step.succeeded" if run.status == Run.Status.RUNNING else "step.discarded",
             run=run,
             step_index=step.index,
             by=audit.Actor.agent(run.model_route),
@@ -489,7 +525,7 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
         if response.tool_calls:
             _record_tool_calls(run, step, response)
         else:
-            finish_run(run, Run.Status.SUCCEEDED, result=response.text or "")
+            finish_run(run, Run.Status.SUCCEEDED, result=json_safe(response.text or ""))
 
 
 def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> None:

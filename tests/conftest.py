@@ -25,6 +25,13 @@ from tools.services import execute_tool_call
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+# The worker and the API server sign and allow webhooks with these; `webhook_secret` makes the
+# test process agree, so `agents.webhooks.verify` checks what the worker signed.
+TEST_WEBHOOK_SECRET = "test-webhook-secret-0f3a9c"
+WEBHOOK_ENV = {
+    "AGENTSITE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    "AGENTSITE_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
+}
 
 
 def poll(
@@ -62,6 +69,8 @@ def drive(run_id: Any, *, max_iterations: int = 100) -> Run:
         run = Run.objects.get(pk=run_id)
         if run.is_final:
             return run
+        # Time passes: a step backing off after a transient failure may be taken now.
+        Step.objects.filter(run=run, status=Step.Status.PENDING).update(not_before=None)
         tools = list(
             Step.objects.filter(run=run, kind=Step.Kind.TOOL, status=Step.Status.PENDING)
             .order_by("index")
@@ -136,6 +145,7 @@ def celery_worker(
         "AGENTSITE_RETRY_BACKOFF_BASE": "0.05",
         "AGENTSITE_RETRY_BACKOFF_MAX": "1",
         "AGENTSITE_STALLED_AFTER": "3",
+        **WEBHOOK_ENV,
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -178,6 +188,98 @@ def celery_worker(
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def webhook_secret(settings: Any) -> str:
+    """This process signs and verifies webhooks with the secret the worker and server use."""
+    settings.AGENTSITE_WEBHOOK_SECRET = TEST_WEBHOOK_SECRET
+    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+    return TEST_WEBHOOK_SECRET
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ApiServer:
+    def __init__(self, process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
+        self.process = process
+        self.base_url = base_url
+        self.log = log
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    django_db_setup: None,
+    django_db_blocker: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ApiServer]:
+    """The ASGI app under uvicorn (one process) on the test database and Redis, over HTTP."""
+    if not _uses_real_services():
+        pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
+    import httpx
+
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("api") / "uvicorn.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+        "AGENTSITE_EVENTS_POLL_SECONDS": "0.1",
+        **WEBHOOK_ENV,
+    }
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "agentsite.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = ApiServer(process, base_url, log)
+    try:
+        poll(answers, timeout=60, interval=0.1, what="the API server to answer /healthz")
+        if process.poll() is not None:
+            pytest.fail(f"the API server exited at start:\n{server.log_tail()}")
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

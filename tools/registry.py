@@ -76,6 +76,10 @@ class ToolSpec:
                 for err in exc.errors()
             )
             raise ToolArgumentsInvalid(f"invalid arguments for {self.name}: {problems}") from None
+        except Exception as exc:  # a validator that raised something else: still a refusal
+            raise ToolArgumentsInvalid(
+                f"invalid arguments for {self.name}: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 class ToolRegistry:

@@ -18,13 +18,14 @@ from uuid import UUID
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit
 from agents.engine import backoff_seconds
+from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 
 from .registry import ToolContext, ToolError, TransientToolError, registry
@@ -46,12 +47,16 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         step = Step.objects.filter(run=run, index=step_index, kind=Step.Kind.TOOL).first()
         if step is None or step.status in Step.DONE_STATUSES:
             return None
-        if run.status != Run.Status.RUNNING:
+        if run.is_final:
             Step.objects.filter(pk=step.pk, status=Step.Status.PENDING).update(
                 status=Step.Status.CANCELLED, finished_at=timezone.now()
             )
             return None
+        if run.status != Run.Status.RUNNING:
+            return None  # e.g. waiting for a human; the step waits too
         now = timezone.now()
+        if step.status == Step.Status.PENDING and step.not_before and step.not_before > now:
+            return None  # backing off; the delayed task (or the reconciler) comes back
         if (
             step.status == Step.Status.RUNNING
             and step.lease_expires_at
@@ -81,7 +86,8 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             status=Step.Status.RUNNING,
             attempts=F("attempts") + 1,
             started_at=now,
-            lease_expires_at=now + timedelta(seconds=settings.AGENTSITE_STEP_LEASE_SECONDS),
+            not_before=None,
+            lease_expires_at=now + timedelta(seconds=_lease_seconds(step.tool_name)),
         )
         if not claimed:
             return None
@@ -96,6 +102,12 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         return step
 
 
+def _lease_seconds(tool_name: str) -> int:
+    """Past the tool's hard time limit (its timeout + 10 s) and a margin, its worker is dead."""
+    spec = registry.get(tool_name)
+    return (spec.timeout if spec else 30) + 40
+
+
 def _max_attempts(tool_name: str) -> int:
     spec = registry.get(tool_name)
     return max(settings.AGENTSITE_STEP_MAX_ATTEMPTS, spec.retries + 1 if spec else 1)
@@ -103,7 +115,7 @@ def _max_attempts(tool_name: str) -> int:
 
 def _jsonable(value: Any) -> Any:
     # allow_nan=False: Postgres jsonb refuses NaN and Infinity, so such a result is a tool error.
-    return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+    return json_safe(json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)))
 
 
 def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
@@ -130,7 +142,13 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     try:
         args = spec.validate(step.request.get("arguments"))
         result = _jsonable(spec.func(args, ctx))
-    except (TransientToolError, SoftTimeLimitExceeded, TimeoutError, ConnectionError) as exc:
+    except (
+        TransientToolError,
+        SoftTimeLimitExceeded,
+        TimeoutError,
+        ConnectionError,
+        DatabaseError,
+    ) as exc:
         transient = exc
     except ToolError as exc:
         _record(step, error=str(exc), latency_ms=_ms(started))
@@ -156,8 +174,14 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
             run = Run.objects.select_for_update().get(pk=step.run_id)
             released = Step.objects.filter(
                 pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
-            ).update(status=Step.Status.PENDING, error=reason, lease_expires_at=None)
+            ).update(
+                status=Step.Status.PENDING,
+                error=json_safe(reason),
+                lease_expires_at=None,
+                not_before=timezone.now() + timedelta(seconds=delay),
+            )
             if released:
+                Run.objects.filter(pk=run.pk).update(updated_at=timezone.now())
                 audit.record(
                     "step.retry_scheduled",
                     run=run,
@@ -193,7 +217,7 @@ def _record(step: Step, *, result: Any = None, error: str = "", latency_ms: int)
         ).update(
             status=status,
             response=result,
-            error=error,
+            error=json_safe(error),
             latency_ms=latency_ms,
             finished_at=timezone.now(),
             lease_expires_at=None,

@@ -32,6 +32,11 @@ __all__ = [
 _scripted = ScriptedProvider()
 
 
+def _bounded(timeout: float) -> float:
+    """A call may not outlive its step: keep it under the step's soft time limit."""
+    return max(0.1, min(timeout, settings.AGENTSITE_STEP_SOFT_TIME_LIMIT - 5))
+
+
 def resolve_route(route: str) -> tuple[ModelProvider, str]:
     """Return the provider and model name for ``provider:model``.
 
@@ -53,7 +58,10 @@ def resolve_route(route: str) -> tuple[ModelProvider, str]:
             raise PermanentProviderError(f"provider {name!r}: {exc}") from None
         return (
             OpenAICompatibleProvider(
-                name=name, base_url=row.base_url, api_key=api_key, timeout=row.timeout_seconds
+                name=name,
+                base_url=row.base_url,
+                api_key=api_key,
+                timeout=_bounded(row.timeout_seconds),
             ),
             model,
         )
@@ -71,7 +79,10 @@ def resolve_route(route: str) -> tuple[ModelProvider, str]:
         raise PermanentProviderError(f"provider {name!r}: TIMEOUT is not a number") from None
     return (
         OpenAICompatibleProvider(
-            name=name, base_url=conf["base_url"], api_key=conf.get("api_key", ""), timeout=timeout
+            name=name,
+            base_url=conf["base_url"],
+            api_key=conf.get("api_key", ""),
+            timeout=_bounded(timeout),
         ),
         model,
     )

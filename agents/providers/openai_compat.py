@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
@@ -55,6 +57,18 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+_TOKEN_LIKE = re.compile(r"\b(sk|pk|rk|key|tok)[-_][A-Za-z0-9_\-]{8,}")
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials or a query string, fit for messages and the audit trail."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "…"
@@ -70,6 +84,12 @@ class OpenAICompatibleProvider:
     def __repr__(self) -> str:  # never show the key
         return f"<OpenAICompatibleProvider {self.name} {self.base_url}>"
 
+    def _scrub(self, text: str) -> str:
+        """Remove the API key (and anything shaped like one) from a server's words."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _TOKEN_LIKE.sub("***", text)
+
     def complete(self, request: ModelRequest) -> ModelResponse:
         client = _client(self.base_url, self._api_key, self.timeout)
         kwargs: dict[str, Any] = {
@@ -79,16 +99,23 @@ class OpenAICompatibleProvider:
         }
         if request.tools:
             kwargs["tools"] = request.tools
-        where = f"provider {self.name!r} ({self.base_url})"
+        where = f"provider {self.name!r} ({_public_url(self.base_url)})"
         try:
             raw = client.chat.completions.with_raw_response.create(**kwargs)
         except openai.APITimeoutError:
             raise TransientProviderError(f"{where} timed out after {self.timeout:g}s") from None
         except openai.APIConnectionError as exc:
-            raise TransientProviderError(f"{where} could not be reached: {exc}") from None
+            raise TransientProviderError(
+                f"{where} could not be reached: {self._scrub(str(exc))}"
+            ) from None
         except openai.APIStatusError as exc:
             status = exc.status_code
-            detail = _short(str(exc.message))
+            if status in (401, 403):
+                # Servers often echo the key they were given; never repeat their words here.
+                raise PermanentProviderError(
+                    f"{where} refused the API key (HTTP {status}); check the provider's key"
+                ) from None
+            detail = _short(self._scrub(str(exc.message)))
             message = f"{where} answered HTTP {status}: {detail}"
             if status in (408, 409, 425, 429) or status >= 500:
                 raise TransientProviderError(

@@ -176,6 +176,8 @@ def test_transient_model_errors_are_retried_with_backoff_then_succeed(make_agent
     assert first.retry_in is not None and 0 < first.retry_in <= 60
     step = Step.objects.get(run=run)
     assert step.status == Step.Status.PENDING and step.error == "scripted transient failure"
+    assert step.not_before > timezone.now()
+    assert engine._plan(run.pk) is None  # an early nudge does not cut the backoff short
 
     run = drive(run.pk)
     step.refresh_from_db()
@@ -239,7 +241,7 @@ def test_cancel_stops_a_run_and_its_pending_steps(make_agent):
         cancel_run(run_id=run.pk)
 
 
-def test_a_step_finishing_after_cancel_is_recorded_but_not_used(make_agent):
+def test_a_step_finishing_after_cancel_is_not_used(make_agent):
     agent = make_agent(script=[{"text": "late answer"}])
     run = submit_run(agent=agent, input="hi")
     plan = engine._plan(run.pk)

@@ -270,8 +270,30 @@ def test_client_errors_are_permanent(fake_openai, status):
     assert not isinstance(info.value, TransientProviderError)
     assert info.value.transient is False
     assert f"HTTP {status}" in str(info.value)
-    assert "Fake error" in str(info.value)  # the server's own message is passed on
+    if status == 401:  # servers echo keys in auth errors: their words are not repeated
+        assert "refused the API key" in str(info.value) and "Fake error" not in str(info.value)
+    else:
+        assert "Fake error" in str(info.value)  # the server's own message is passed on
     assert_key_hidden(info.value, provider)
+
+
+def test_a_key_the_server_echoes_back_is_scrubbed_from_errors():
+    from agents.providers.openai_compat import OpenAICompatibleProvider
+
+    provider = OpenAICompatibleProvider(
+        name="p",
+        base_url="http://user:pw@127.0.0.1:1/v1?token=x",
+        api_key="sk-live-SECRET99",
+        timeout=1,
+    )
+    assert provider._scrub("Incorrect API key provided: sk-live-SECRET99.") == (
+        "Incorrect API key provided: ***."
+    )
+    assert provider._scrub("bad key sk-other-1234567890abc") == "bad key ***"
+    with pytest.raises(TransientProviderError) as info:  # nothing listens on port 1
+        provider.complete(request("m"))
+    assert "user" not in str(info.value) and "pw@" not in str(info.value)
+    assert "token=x" not in str(info.value) and "127.0.0.1:1/v1" in str(info.value)
 
 
 def test_a_slow_server_times_out_as_a_transient_error(fake_openai):

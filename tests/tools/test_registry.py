@@ -222,6 +222,10 @@ def test_a_successful_call_records_its_result_and_context(make_agent, tool_name)
 
 
 @pytest.mark.django_db
+def backoff_elapses(run):
+    Step.objects.filter(run=run, status=Step.Status.PENDING).update(not_before=None)
+
+
 def test_a_transient_error_is_retried_with_the_same_idempotency_key_then_gives_up(
     make_agent, tool_name
 ):
@@ -240,6 +244,10 @@ def test_a_transient_error_is_retried_with_the_same_idempotency_key_then_gives_u
         outcome = execute_tool_call(run_id=run.pk, step_index=1)
         step = tool_step(run)
         assert outcome.retry_in is not None and outcome.retry_in > 0
+        assert step.not_before is not None
+        assert execute_tool_call(run_id=run.pk, step_index=1).retry_in is None  # too early
+        assert tool_step(run).attempts == attempt
+        backoff_elapses(run)
         assert outcome.timeout == 9
         assert step.status == Step.Status.PENDING and step.attempts == attempt
         assert step.error == "TransientToolError: upstream 503"
@@ -282,6 +290,7 @@ def test_a_transient_error_then_success(make_agent, tool_name):
     run = start_tool_step(make_agent, name)
     assert execute_tool_call(run_id=run.pk, step_index=1).retry_in is not None
     assert tool_step(run).error == "ConnectionError: reset by peer"
+    backoff_elapses(run)
     assert execute_tool_call(run_id=run.pk, step_index=1).retry_in is None
 
     step = tool_step(run)
