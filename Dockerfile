@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One image for every Agentsite process: web (gunicorn), worker, beat, flower and migrate.
+# One image for every Agentsite process: web (gunicorn + uvicorn workers, ASGI), worker, beat, flower and migrate.
 # docker-compose.yml picks the process with `command:`; the default is the web server.
 
 FROM python:3.11-slim
@@ -45,4 +45,4 @@ USER agentsite
 EXPOSE 8000
 
 # exec so gunicorn is PID 1 and gets SIGTERM directly for a graceful shutdown.
-CMD ["sh", "-c", "exec gunicorn agentsite.wsgi:application --bind 0.0.0.0:8000 --workers \"${WEB_CONCURRENCY:-2}\" --access-logfile -"]
+CMD ["sh", "-c", "exec gunicorn agentsite.asgi:application --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:8000 --workers \"${WEB_CONCURRENCY:-2}\" --access-logfile -"]

@@ -145,11 +145,11 @@ def test_worker_consumes_all_queues():
     assert not missing, f"worker does not consume queues {sorted(missing)} (has {queues})"
 
 
-def test_web_runs_gunicorn_with_agentsite_wsgi():
+def test_web_runs_gunicorn_with_uvicorn_workers_on_agentsite_asgi():
     args = command_args(services()["web"])
     joined = " ".join(args)
     assert "gunicorn" in joined
-    assert "agentsite.wsgi" in joined
+    assert "agentsite.asgi" in joined and "uvicorn_worker.UvicornWorker" in joined
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -175,13 +175,13 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
-def test_dockerfile_cmd_runs_gunicorn():
+def test_dockerfile_cmd_runs_gunicorn_on_asgi():
     assert DOCKERFILE.is_file(), "Dockerfile is missing"
     instructions = dockerfile_instructions()
     cmds = [rest for keyword, rest in instructions if keyword == "CMD"]
     assert cmds, "Dockerfile has no CMD"
     assert "gunicorn" in cmds[-1], f"Dockerfile CMD does not run gunicorn: {cmds[-1]}"
-    assert "agentsite.wsgi" in cmds[-1]
+    assert "agentsite.asgi" in cmds[-1] and "uvicorn_worker.UvicornWorker" in cmds[-1]
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users and not re.fullmatch(r"(root|0)(:.*)?", users[-1]), "image must not run as root"
 
