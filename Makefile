@@ -56,7 +56,7 @@ lint: venv
 	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals
 
 up: migrate
-	DEBUG=$${DEBUG:-1} $(BIN)/honcho start -f Procfile
+	DEBUG=$${DEBUG:-1} PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 fake-openai: venv
 	$(BIN)/python -m agents.providers.fake_server --port 8765
