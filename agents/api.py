@@ -6,7 +6,12 @@ from typing import Any
 
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -33,6 +38,10 @@ ERROR_RESPONSES = {
 }
 
 
+@extend_schema_view(
+    list=extend_schema(responses={200: AgentSerializer(many=True), **ERROR_RESPONSES}),
+    retrieve=extend_schema(responses={200: AgentSerializer, **ERROR_RESPONSES}),
+)
 class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     """The agents a caller may run, with their current version and tools."""
 
@@ -48,7 +57,9 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
         )
 
 
-@extend_schema(responses=ERROR_RESPONSES)
+@extend_schema_view(
+    retrieve=extend_schema(responses={200: RunSerializer, **ERROR_RESPONSES}),
+)
 class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Runs of the caller's own: another owner's run answers 404."""
 
@@ -80,7 +91,8 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             OpenApiParameter("agent", str),
             OpenApiParameter("created_after", OpenApiTypes.DATETIME),
             OpenApiParameter("created_before", OpenApiTypes.DATETIME),
-        ]
+        ],
+        responses={200: RunSerializer(many=True), **ERROR_RESPONSES},
     )
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().list(request, *args, **kwargs)
@@ -131,7 +143,10 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         run = self.get_object()
         return Response(StepSerializer(run.steps.order_by("index"), many=True).data)
 
-    @extend_schema(request=None, responses={202: RunSerializer, 409: OpenApiTypes.OBJECT})
+    @extend_schema(
+        request=None,
+        responses={202: RunSerializer, 409: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
+    )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         """Cancel the run: 202 and the run, now cancelled; 409 if it had already finished."""

@@ -131,7 +131,7 @@ def finish_run(
     if run.session_id is not None:
         # Under the session's lock, so a successor that checked us while we were still running
         # has committed and is seen here (see _plan).
-        Session.objects.select_for_update().filter(pk=run.session_id).first()
+        Session.objects.select_for_update(no_key=True).filter(pk=run.session_id).first()
         successor = (
             Run.objects.filter(session_id=run.session_id, status=Run.Status.QUEUED)
             .order_by("created_at")
@@ -269,7 +269,9 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
     """
     with transaction.atomic():
         run = (
-            Run.objects.select_for_update()
+            # of=("self",): lock the run only, not the shared version row that every new run
+            # of the agent references (that made submissions wait on workers, and deadlock).
+            Run.objects.select_for_update(of=("self",))
             .select_related("agent_version")
             .filter(pk=run_id)
             .first()
@@ -278,7 +280,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             return None
         if run.status == Run.Status.QUEUED:
             if run.session_id is not None:
-                Session.objects.select_for_update().filter(pk=run.session_id).first()
+                Session.objects.select_for_update(no_key=True).filter(pk=run.session_id).first()
             if _blocked_by_session(run):
                 return None  # the session's earlier run nudges this one when it ends
             _transition(
@@ -478,7 +480,11 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
 
 def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -> None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().select_related("agent_version").get(pk=step.run_id)
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .select_related("agent_version")
+            .get(pk=step.run_id)
+        )
         response.input_tokens = count(response.input_tokens)
         response.output_tokens = count(response.output_tokens)
         recorded = Step.objects.filter(

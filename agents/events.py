@@ -21,8 +21,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
 
 from agentsite.errors import error_body
+from agentsite.ratelimit import hit, parse_rate
 
 from . import apikeys
 from .api import EVENTS_PAGE, RunViewSet, run_events
@@ -45,6 +47,28 @@ async def _caller(request: HttpRequest) -> Any:
         return key.user if key is not None else None
     user = await request.auser()
     return user if user.is_authenticated else None
+
+
+def _rate_limited(request: HttpRequest, user: Any) -> JsonResponse | None:
+    """Opening a stream counts against the caller's request rate like any API request."""
+    rate = parse_rate(settings.AGENTSITE_API_RATE_LIMIT)
+    if rate is None or not settings.REDIS_URL:
+        return None
+    header = request.headers.get("Authorization", "")
+    prefix = header.partition(" ")[2].strip().split("_")[1:2]
+    bucket = f"key:{prefix[0]}" if prefix else f"user:{user.pk}"
+    try:
+        allowed, reset = hit(bucket, limit=rate[0], period=rate[1])
+    except Exception:
+        return None  # Redis down: serve rather than refuse (as the DRF throttle does)
+    if allowed:
+        return None
+    wait = max(1, int(reset + 0.999))
+    return JsonResponse(
+        error_body("throttled", f"Request was throttled. Expected available in {wait} seconds."),
+        status=429,
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _format(event: Any) -> str:
@@ -81,9 +105,14 @@ async def _stream(run_id: UUID, after: int | None) -> AsyncIterator[str]:
         await asyncio.sleep(settings.AGENTSITE_EVENTS_POLL_SECONDS)
 
 
-async def run_events_view(request: HttpRequest, pk: UUID) -> HttpResponseBase:
-    if not _wants_stream(request):
-        response = await sync_to_async(_json_view)(request, pk=str(pk))
+@csrf_exempt  # API-key clients have no CSRF cookie; DRF still checks it for session users
+async def run_events_view(request: HttpRequest, pk: str) -> HttpResponseBase:
+    try:
+        run_id = UUID(pk)
+    except ValueError:
+        return JsonResponse(error_body("not_found", "Not found."), status=404)
+    if not _wants_stream(request) or request.method != "GET":
+        response = await sync_to_async(_json_view)(request, pk=str(run_id))
         await sync_to_async(response.render)()
         return response
     user = await _caller(request)
@@ -93,7 +122,10 @@ async def run_events_view(request: HttpRequest, pk: UUID) -> HttpResponseBase:
             status=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not await Run.objects.filter(pk=pk, owner=user).aexists():
+    limited = await sync_to_async(_rate_limited)(request, user)
+    if limited is not None:
+        return limited
+    if not await Run.objects.filter(pk=run_id, owner=user).aexists():
         return JsonResponse(error_body("not_found", "Not found."), status=404)
     raw_after = request.headers.get("Last-Event-ID") or request.GET.get("after") or ""
     try:
@@ -105,7 +137,14 @@ async def run_events_view(request: HttpRequest, pk: UUID) -> HttpResponseBase:
             ),
             status=400,
         )
-    response = StreamingHttpResponse(_stream(pk, after), content_type="text/event-stream")
+    if after is not None and after < 0:
+        return JsonResponse(
+            error_body(
+                "invalid", "after: Must not be negative.", {"after": ["Must not be negative."]}
+            ),
+            status=400,
+        )
+    response = StreamingHttpResponse(_stream(run_id, after), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response

@@ -191,7 +191,7 @@ class RunSerializer(serializers.ModelSerializer):
             "attempts": run.webhook_attempts,
         }
 
-    @extend_schema_field(OpenApiTypes.OBJECT)
+    @extend_schema_field({"type": "object", "additionalProperties": {}, "nullable": True})
     def get_pending_approval(self, run: Run) -> None:
         return None  # the review queue (approvals) fills this in
 
@@ -261,6 +261,7 @@ class EventPageSerializer(serializers.Serializer):
 
 
 class RunFilterSerializer(StrictSerializer):
+    format = serializers.CharField(required=False)  # DRF's ?format= (the browsable API's links)
     status = serializers.ChoiceField(choices=Run.Status.choices, required=False)
     agent = serializers.SlugField(required=False)
     created_after = serializers.DateTimeField(required=False)

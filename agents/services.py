@@ -39,7 +39,7 @@ def publish_agent_version(*, agent: Agent, user: User | None = None) -> AgentVer
     """
     snapshot = agent.snapshot()
     digest = AgentVersion.digest_of(snapshot)
-    Agent.objects.select_for_update().filter(pk=agent.pk).first()
+    Agent.objects.select_for_update(no_key=True).filter(pk=agent.pk).first()
     current = agent.current_version
     if current is not None and current.digest == digest:
         return current
@@ -66,11 +66,23 @@ def save_agent(*, agent: Agent, user: User | None = None) -> Agent:
     return agent
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def _normalise_input(value: Any) -> Any:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise InvalidRunInput("input must not be empty")
     if not isinstance(value, str | dict):
         raise InvalidRunInput("input must be a string or a JSON object")
+    if _has_nul(value):
+        raise InvalidRunInput("input must not contain NUL characters (\\u0000)")
     try:
         size = len(json.dumps(value).encode())
     except (TypeError, ValueError):
@@ -98,7 +110,7 @@ def _resolve_session(
         raise InvalidRunInput("on_conflict is 'enqueue' or 'reject'", field="on_conflict")
     if on_conflict == "reject":
         # Lock the session's row so two submissions cannot both see it idle.
-        Session.objects.select_for_update().filter(pk=session.pk).first()
+        Session.objects.select_for_update(no_key=True).filter(pk=session.pk).first()
         if session.runs.filter(status__in=Run.ACTIVE_STATUSES).exists():
             raise SessionBusy(f"session {session.key!r} already has a run in progress")
     return session
@@ -110,7 +122,7 @@ def _check_active_run_cap(api_key: ApiKey) -> None:
     cap = settings.AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY
     if not cap:
         return
-    ApiKey.objects.select_for_update().filter(pk=api_key.pk).first()
+    ApiKey.objects.select_for_update(no_key=True).filter(pk=api_key.pk).first()
     active = Run.objects.filter(api_key=api_key, status__in=Run.ACTIVE_STATUSES).count()
     if active >= cap:
         raise TooManyActiveRuns(
@@ -159,6 +171,8 @@ def submit_run(
             ) from None
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRunInput("metadata must be a JSON object", field="metadata")
+    if metadata is not None and _has_nul(metadata):
+        raise InvalidRunInput("metadata must not contain NUL characters", field="metadata")
     if webhook_url:
         check_webhook_url(webhook_url)
 

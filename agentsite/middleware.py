@@ -48,4 +48,6 @@ class RequestSizeLimitMiddleware:
                     return _too_large(limit)
                 if len(body) > limit:
                     return _too_large(limit)
+                # DRF reads a body only when CONTENT_LENGTH says there is one.
+                request.META["CONTENT_LENGTH"] = str(len(body))
         return self.get_response(request)

@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
@@ -22,7 +22,11 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
     # Streams (SSE) under ASGI, or answers the JSON page of RunViewSet.events.
-    path("api/v1/runs/<uuid:pk>/events/", run_events_view, name="run-events-stream"),
+    re_path(
+        r"^api/v1/runs/(?P<pk>[0-9a-fA-F-]{32,36})/events/$",
+        run_events_view,
+        name="run-events-stream",
+    ),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
