@@ -91,6 +91,17 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
     server.stop()
 
 
+def stop_process(process: subprocess.Popen[bytes], *, grace: float) -> None:
+    """SIGTERM (a warm shutdown), then kill the process group if it is still there."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def _uses_real_services() -> bool:
     return settings.DATABASES["default"]["ENGINE"].endswith("postgresql") and (
         settings.CELERY_BROKER_URL.startswith("redis")
@@ -184,13 +195,7 @@ def celery_worker(
             pytest.fail(f"the Celery worker exited at start:\n{worker.log_tail()}")
         yield worker
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process, grace=30)
 
 
 @pytest.fixture
@@ -276,10 +281,4 @@ def api_server(
             pytest.fail(f"the API server exited at start:\n{server.log_tail()}")
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process, grace=15)
