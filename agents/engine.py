@@ -240,7 +240,7 @@ def _lease_expired(step: Step) -> bool:
     return step.lease_expires_at is None or step.lease_expires_at <= _now()
 
 
-def _blocked_by_session(run: Run) -> bool:
+def blocked_by_session(run: Run) -> bool:
     return (
         run.session_id is not None
         and Run.objects.filter(
@@ -281,7 +281,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
         if run.status == Run.Status.QUEUED:
             if run.session_id is not None:
                 Session.objects.select_for_update(no_key=True).filter(pk=run.session_id).first()
-            if _blocked_by_session(run):
+            if blocked_by_session(run):
                 return None  # the session's earlier run nudges this one when it ends
             _transition(
                 run,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,11 +25,11 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from agentsite.errors import error_body
-from agentsite.ratelimit import hit, parse_rate
+from agentsite.ratelimit import bucket_for, seconds_to_wait
 
 from . import apikeys
 from .api import EVENTS_PAGE, RunViewSet, run_events
-from .models import Run
+from .models import ApiKey, Run
 from .serializers import EventSerializer
 
 KEEPALIVE_SECONDS = 15.0
@@ -39,31 +40,23 @@ def _wants_stream(request: HttpRequest) -> bool:
     return "text/event-stream" in request.headers.get("Accept", "")
 
 
-async def _caller(request: HttpRequest) -> Any:
+async def _caller(request: HttpRequest) -> tuple[Any, ApiKey | None]:
+    """(user, API key) as ApiKeyAuthentication or the admin session would find them."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if header and scheme.lower() == "bearer":
         key = await sync_to_async(apikeys.lookup)(token.strip())
-        return key.user if key is not None else None
+        return (key.user, key) if key is not None else (None, None)
     user = await request.auser()
-    return user if user.is_authenticated else None
+    return (user, None) if user.is_authenticated else (None, None)
 
 
-def _rate_limited(request: HttpRequest, user: Any) -> JsonResponse | None:
+def _rate_limited(user: Any, api_key: ApiKey | None) -> JsonResponse | None:
     """Opening a stream counts against the caller's request rate like any API request."""
-    rate = parse_rate(settings.AGENTSITE_API_RATE_LIMIT)
-    if rate is None or not settings.REDIS_URL:
+    seconds = seconds_to_wait(bucket_for(user, api_key))
+    if seconds is None:
         return None
-    header = request.headers.get("Authorization", "")
-    prefix = header.partition(" ")[2].strip().split("_")[1:2]
-    bucket = f"key:{prefix[0]}" if prefix else f"user:{user.pk}"
-    try:
-        allowed, reset = hit(bucket, limit=rate[0], period=rate[1])
-    except Exception:
-        return None  # Redis down: serve rather than refuse (as the DRF throttle does)
-    if allowed:
-        return None
-    wait = max(1, int(reset + 0.999))
+    wait = max(1, math.ceil(seconds))
     return JsonResponse(
         error_body("throttled", f"Request was throttled. Expected available in {wait} seconds."),
         status=429,
@@ -115,14 +108,14 @@ async def run_events_view(request: HttpRequest, pk: str) -> HttpResponseBase:
         response = await sync_to_async(_json_view)(request, pk=str(run_id))
         await sync_to_async(response.render)()
         return response
-    user = await _caller(request)
+    user, api_key = await _caller(request)
     if user is None:
         return JsonResponse(
             error_body("not_authenticated", "Authentication credentials were not provided."),
             status=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
-    limited = await sync_to_async(_rate_limited)(request, user)
+    limited = await sync_to_async(_rate_limited)(user, api_key)
     if limited is not None:
         return limited
     if not await Run.objects.filter(pk=run_id, owner=user).aexists():

@@ -17,7 +17,7 @@ from tools.registry import registry
 
 from . import audit
 from .dispatch import advance_run_on_commit, tool_call_on_commit
-from .engine import _blocked_by_session
+from .engine import blocked_by_session
 from .models import Run, Step
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def reconcile_stalled_runs(*, limit: int = 500) -> int:
                 for s in open_steps
             ):
                 continue  # held by a live worker, or waiting out a backoff
-            if run.status == Run.Status.QUEUED and _blocked_by_session(run):
+            if run.status == Run.Status.QUEUED and blocked_by_session(run):
                 continue  # its session's earlier run nudges it when that one ends
             tool_steps = [s for s in open_steps if s.kind == Step.Kind.TOOL]
             for step in tool_steps:

@@ -61,6 +61,25 @@ def hit(bucket: str, *, limit: int, period: int) -> tuple[bool, float]:
     return int(count) <= limit, max(0.0, int(ttl_ms) / 1000)
 
 
+def seconds_to_wait(bucket: str) -> float | None:
+    """Count one request of ``bucket`` against AGENTSITE_API_RATE_LIMIT: None if it may go
+    ahead, else how long to wait. Limits are off without Redis, and fail open if it is down."""
+    rate = parse_rate(settings.AGENTSITE_API_RATE_LIMIT)
+    if rate is None or not settings.REDIS_URL:
+        return None
+    try:
+        allowed, reset = hit(bucket, limit=rate[0], period=rate[1])
+    except Exception as exc:  # Redis down: serve rather than refuse every client
+        logger.warning("rate limiting unavailable: %s", exc)
+        return None
+    return None if allowed else max(1.0, reset)
+
+
+def bucket_for(user: Any, api_key: Any) -> str:
+    """One bucket per API key; per user for session auth."""
+    return f"key:{api_key.prefix}" if api_key is not None else f"user:{user.pk}"
+
+
 class ApiKeyRateThrottle(BaseThrottle):
     """``AGENTSITE_API_RATE_LIMIT`` per API key (or per user for session auth)."""
 
@@ -68,23 +87,13 @@ class ApiKeyRateThrottle(BaseThrottle):
         self._wait: float | None = None
 
     def allow_request(self, request: Any, view: Any) -> bool:
-        rate = parse_rate(settings.AGENTSITE_API_RATE_LIMIT)
-        if rate is None or not settings.REDIS_URL:
-            return True
-        if request.auth is not None and hasattr(request.auth, "prefix"):
-            bucket = f"key:{request.auth.prefix}"
-        elif request.user is not None and request.user.is_authenticated:
-            bucket = f"user:{request.user.pk}"
+        if request.user is not None and request.user.is_authenticated:
+            key = request.auth if hasattr(request.auth, "prefix") else None
+            bucket = bucket_for(request.user, key)
         else:
             bucket = f"ip:{self.get_ident(request)}"
-        try:
-            allowed, reset = hit(bucket, limit=rate[0], period=rate[1])
-        except Exception as exc:  # Redis down: serve rather than refuse every client
-            logger.warning("rate limiting unavailable: %s", exc)
-            return True
-        if not allowed:
-            self._wait = max(1.0, reset)
-        return allowed
+        self._wait = seconds_to_wait(bucket)
+        return self._wait is None
 
     def wait(self) -> float | None:
         return self._wait
