@@ -9,7 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from tools.registry import registry
+from tools.models import Tool, ToolGrant
 
 from . import services
 from .exceptions import RunAlreadyFinished
@@ -29,18 +29,7 @@ class ReadOnlyAdminMixin:
         return False
 
 
-def _tool_choices() -> list[tuple[str, str]]:
-    return [(name, name) for name in registry.names()]
-
-
 class AgentForm(forms.ModelForm):
-    tools = forms.MultipleChoiceField(
-        choices=_tool_choices,
-        required=False,
-        widget=forms.CheckboxSelectMultiple,
-        help_text="The tools this agent may call; a call to any other tool is refused.",
-    )
-
     class Meta:
         model = Agent
         fields = [
@@ -52,7 +41,6 @@ class AgentForm(forms.ModelForm):
             "system_prompt",
             "temperature",
             "script",
-            "tools",
             "max_steps",
             "max_tokens_per_run",
             "escalation_policy",
@@ -91,6 +79,41 @@ class AgentVersionInline(ReadOnlyAdminMixin, admin.TabularInline):
     ordering = ["-number"]
 
 
+class ToolGrantForm(forms.ModelForm):
+    mode = forms.ChoiceField(
+        choices=[("", "The tool's default"), *ToolGrant.Mode.choices],
+        required=False,
+        help_text="Blank: the tool's default (side-effecting tools require approval).",
+    )
+
+    class Meta:
+        model = ToolGrant
+        fields = ["tool", "mode", "constraints"]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        tool = cleaned.get("tool")
+        if not cleaned.get("mode") and tool is not None:
+            cleaned["mode"] = tool.default_mode
+            self.instance.mode = tool.default_mode
+        return cleaned
+
+
+class ToolGrantInline(admin.TabularInline):
+    """The tools this agent may call; a call to any other tool is refused without executing."""
+
+    model = ToolGrant
+    form = ToolGrantForm
+    extra = 0
+    verbose_name = "tool grant"
+    verbose_name_plural = "Tool grants (no grant, no call)"
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "tool":
+            kwargs["queryset"] = Tool.objects.filter(available=True)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     form = AgentForm
@@ -99,11 +122,10 @@ class AgentAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name", "description"]
     prepopulated_fields = {"slug": ["name"]}
     readonly_fields = ["current_version", "created_at", "updated_at"]
-    inlines = [AgentVersionInline]
+    inlines = [ToolGrantInline, AgentVersionInline]
     fieldsets = [
         (None, {"fields": ["slug", "name", "description", "is_active", "current_version"]}),
         ("Model", {"fields": ["model_route", "system_prompt", "temperature", "script"]}),
-        ("Tools", {"fields": ["tools"]}),
         (
             "Budgets and policy",
             {"fields": ["max_steps", "max_tokens_per_run", "escalation_policy", "output_schema"]},
@@ -112,12 +134,20 @@ class AgentAdmin(admin.ModelAdmin):
     ]
 
     def save_model(self, request: HttpRequest, obj: Agent, form: Any, change: bool) -> None:
-        before = obj.current_version
-        services.save_agent(agent=obj, user=request.user)  # type: ignore[arg-type]
-        if obj.current_version != before and change:
+        # Saved now, published once its grants (inlines) are saved too: see save_related.
+        # (Kept on the request: one ModelAdmin instance serves every request and thread.)
+        request._agentsite_version_before = obj.current_version  # type: ignore[attr-defined]
+        obj.save()
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        agent: Agent = form.instance
+        version = services.publish_agent_version(agent=agent, user=request.user)  # type: ignore[arg-type]
+        if change and version != getattr(request, "_agentsite_version_before", None):
             self.message_user(
                 request,
-                f"Published {obj.current_version}; runs already started keep their version.",
+                f"Published {version}; runs already started keep their version "
+                "(a grant removed or narrowed applies to them at once).",
                 messages.INFO,
             )
 

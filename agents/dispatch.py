@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from uuid import UUID
 
+from django.conf import settings
 from django.db import transaction
 
 from agentsite.celery import app
@@ -39,7 +40,7 @@ def tool_call_on_commit(
             [str(run_id), step_index],
             countdown=countdown,
             soft_time_limit=timeout,
-            time_limit=timeout + 10,
+            time_limit=timeout + settings.AGENTSITE_TOOL_HARD_LIMIT_GRACE,
         )
     )
 
@@ -47,3 +48,8 @@ def tool_call_on_commit(
 def webhook_on_commit(run_id: UUID | str) -> None:
     """Deliver the finished run's webhook once the current transaction commits."""
     transaction.on_commit(lambda: _send("agents.deliver_webhook", [str(run_id)]))
+
+
+def outbox_relay_on_commit() -> None:
+    """Ask the outbox relay to deliver new side effects once the current transaction commits."""
+    transaction.on_commit(lambda: _send("tools.deliver_outbox", []))

@@ -28,7 +28,7 @@ from django.db import DatabaseError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from tools.registry import ToolArgumentsInvalid, registry
+from tools import policy
 
 from . import audit
 from .dispatch import advance_run_on_commit, tool_call_on_commit, webhook_on_commit
@@ -122,9 +122,13 @@ def finish_run(
     if not done:
         return False
     # A step still running finishes on its worker, but its result will not be recorded.
-    Step.objects.filter(run=run, status__in=(Step.Status.PENDING, Step.Status.RUNNING)).update(
-        status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None
-    )
+    Step.objects.filter(
+        run=run,
+        status__in=(Step.Status.PENDING, Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL),
+    ).update(status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None)
+    from approvals.services import cancel_pending_approvals
+
+    cancel_pending_approvals(run, by=by)
     if run.webhook_url:
         Run.objects.filter(pk=run.pk).update(webhook_status="pending")
         webhook_on_commit(run.pk)
@@ -141,6 +145,17 @@ def finish_run(
         if successor is not None:
             advance_run_on_commit(successor)
     return True
+
+
+def resume_after_review(run: Run, *, by: audit.Actor) -> bool:
+    """A run whose held calls are all decided goes back to running. Under the run's lock."""
+    return _transition(
+        run,
+        from_statuses=(Run.Status.WAITING_APPROVAL,),
+        to=Run.Status.RUNNING,
+        action="run.resumed",
+        by=by,
+    )
 
 
 def _fail(run: Run, code: str, message: str) -> None:
@@ -227,6 +242,7 @@ class ModelStepPlan:
     run: Run
     step: Step
     messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
 
 
 @dataclass
@@ -336,7 +352,9 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 if not claimed:
                     return None
                 last.refresh_from_db()
-                return ModelStepPlan(run, last, build_messages(run, steps[:-1]))
+                return ModelStepPlan(
+                    run, last, build_messages(run, steps[:-1]), _offered_schemas(run)
+                )
             return None  # done; the run's status already reflects its outcome
 
         version = run.agent_version
@@ -360,6 +378,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             )
             return None
 
+        tools = _offered_schemas(run)
         step = Step.objects.create(
             run=run,
             index=last.index + 1 if last else 0,
@@ -369,10 +388,14 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             lease_expires_at=_lease(),
             started_at=_now(),
             model_route=run.model_route,
-            request={"tools": sorted(version.tools)},
+            request={"tools": [t["function"]["name"] for t in tools]},
         )
         Run.objects.filter(pk=run.pk).update(updated_at=_now())
-        return ModelStepPlan(run, step, build_messages(run, steps))
+        return ModelStepPlan(run, step, build_messages(run, steps), tools)
+
+
+def _offered_schemas(run: Run) -> list[dict[str, Any]]:
+    return [spec.openai_schema() for spec in policy.offered_tools(run)]
 
 
 def advance(run_id: UUID | str) -> Outcome:
@@ -386,7 +409,6 @@ def advance(run_id: UUID | str) -> Outcome:
         return Outcome()
     run, step = plan.run, plan.step
     version = run.agent_version
-    tools = [spec.openai_schema() for name in version.tools if (spec := registry.get(name))]
     started = time.monotonic()
     try:
         provider, model = resolve_route(run.model_route)
@@ -394,7 +416,7 @@ def advance(run_id: UUID | str) -> Outcome:
             ModelRequest(
                 model=model,
                 messages=plan.messages,
-                tools=tools,
+                tools=plan.tools,
                 temperature=version.temperature,
                 script=version.script,
                 attempt=step.attempts,
@@ -535,8 +557,12 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
 
 
 def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> None:
-    """Create a step per tool call. Calls the agent may not make, or with arguments that do not
-    validate, are refused here without executing; the rest are enqueued to run in parallel."""
+    """Create a step per tool call and decide each one (tools.policy): a call the agent may not
+    make, or whose arguments fail validation or the grant's constraints, is refused without
+    executing; a call to a tool whose circuit is open fails at once; a call whose grant requires
+    approval waits for a reviewer; the rest are enqueued to run in parallel."""
+    from approvals.services import request_tool_approval
+
     version = run.agent_version
     if model_step.index + len(response.tool_calls) >= version.max_steps:
         _fail(
@@ -546,51 +572,69 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
             f"run's limit of {version.max_steps} steps",
         )
         return
-    granted = set(version.tools)
-    dispatched = 0
+    live = policy.live_grants(run.agent_id)
+    dispatched = held = 0
     for offset, call in enumerate(response.tool_calls, start=1):
-        spec = registry.get(call.name)
-        refusal = ""
-        if call.name not in granted:
-            refusal = f"tool {call.name!r} is not available to this agent"
-        elif spec is None:
-            refusal = f"tool {call.name!r} is not installed on this server"
-        elif call.arguments_error:
-            refusal = f"{call.arguments_error} for {call.name}"
+        verdict = policy.authorize(
+            run, call.name, call.arguments, arguments_error=call.arguments_error, live=live
+        )
+        if verdict.refusal:
+            status = Step.Status.REFUSED
+        elif verdict.unavailable:
+            status = Step.Status.FAILED
+        elif verdict.mode == "require_approval":
+            status = Step.Status.AWAITING_APPROVAL
         else:
-            try:
-                spec.validate(call.arguments)
-            except ToolArgumentsInvalid as exc:
-                refusal = str(exc)
+            status = Step.Status.PENDING
         step = Step.objects.create(
             run=run,
             index=model_step.index + offset,
             kind=Step.Kind.TOOL,
             parent_index=model_step.index,
-            status=Step.Status.REFUSED if refusal else Step.Status.PENDING,
+            status=status,
             tool_name=call.name[:100],
             tool_call_id=call.id[:200],
             request={"arguments": call.arguments},
-            error=refusal,
-            finished_at=_now() if refusal else None,
+            error=verdict.refusal or verdict.unavailable,
+            finished_at=_now() if not verdict.allowed else None,
         )
-        if refusal:
+        if verdict.refusal:
             audit.record(
                 "tool_call.refused",
                 run=run,
                 step_index=step.index,
-                payload={"tool": call.name, "reason": refusal},
+                payload={"tool": call.name, "reason": verdict.refusal},
             )
-        else:
-            assert spec is not None
+            continue
+        if verdict.unavailable:
             audit.record(
-                "tool_call.requested",
+                "tool_call.short_circuited",
                 run=run,
                 step_index=step.index,
-                by=audit.Actor.agent(run.model_route),
-                payload={"tool": call.name, "call_id": call.id},
+                payload={"tool": call.name, "reason": verdict.unavailable},
             )
-            tool_call_on_commit(run.pk, step.index, timeout=spec.timeout)
+            continue
+        assert verdict.spec is not None
+        audit.record(
+            "tool_call.requested",
+            run=run,
+            step_index=step.index,
+            by=audit.Actor.agent(run.model_route),
+            payload={"tool": call.name, "call_id": call.id, "mode": verdict.mode},
+        )
+        if status == Step.Status.AWAITING_APPROVAL:
+            request_tool_approval(run, step)
+            held += 1
+        else:
+            tool_call_on_commit(run.pk, step.index, timeout=verdict.spec.timeout)
             dispatched += 1
-    if not dispatched:
-        advance_run_on_commit(run.pk)  # let the model read the refusals
+    if held:
+        _transition(
+            run,
+            from_statuses=(Run.Status.RUNNING,),
+            to=Run.Status.WAITING_APPROVAL,
+            action="run.waiting_approval",
+            payload={"approvals": held},
+        )
+    elif not dispatched:
+        advance_run_on_commit(run.pk)  # let the model read the refusals and failures

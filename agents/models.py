@@ -39,9 +39,7 @@ class Agent(models.Model):
         help_text="provider:model, e.g. scripted:demo or local:llama-3.1-8b",
     )
     system_prompt = models.TextField(blank=True)
-    tools = models.JSONField(
-        default=list, blank=True, help_text="Names of the registered tools this agent may call."
-    )
+    # Which tools the agent may call, and how, are its ToolGrant rows (tools.models).
     max_steps = models.PositiveIntegerField(
         default=20, validators=[MinValueValidator(1)], help_text="Steps (model + tool) per run."
     )
@@ -82,15 +80,7 @@ class Agent(models.Model):
         return self.slug
 
     def clean(self) -> None:
-        from tools.registry import registry
-
         errors: dict[str, str] = {}
-        if not isinstance(self.tools, list) or not all(isinstance(t, str) for t in self.tools):
-            errors["tools"] = "A list of tool names."
-        else:
-            unknown = sorted(set(self.tools) - set(registry.names()))
-            if unknown:
-                errors["tools"] = f"Unknown tools: {', '.join(unknown)}."
         if not isinstance(self.script, list):
             errors["script"] = "A list of turns."
         if self.output_schema is not None and not isinstance(self.output_schema, dict):
@@ -101,11 +91,17 @@ class Agent(models.Model):
             raise ValidationError(errors)
 
     def snapshot(self) -> dict[str, Any]:
-        """The configuration a version freezes."""
+        """The configuration a version freezes, grants included."""
+        grants = (
+            {g.tool.name: g.snapshot() for g in self.grants.select_related("tool")}
+            if self.pk is not None
+            else {}
+        )
         return {
             "model_route": self.model_route,
             "system_prompt": self.system_prompt,
-            "tools": sorted(self.tools),
+            "tools": sorted(grants),
+            "grants": grants,
             "max_steps": self.max_steps,
             "max_tokens_per_run": self.max_tokens_per_run,
             "temperature": self.temperature,
@@ -123,6 +119,8 @@ class AgentVersion(models.Model):
     model_route = models.CharField(max_length=200, validators=[ROUTE_VALIDATOR])
     system_prompt = models.TextField(blank=True)
     tools = models.JSONField(default=list)
+    # {tool name: {"mode": "allow" | "require_approval", "constraints": {...}}}
+    grants = models.JSONField(default=dict)
     max_steps = models.PositiveIntegerField()
     max_tokens_per_run = models.PositiveIntegerField()
     temperature = models.FloatField(default=0.0)
@@ -300,6 +298,7 @@ class Step(models.Model):
         FAILED = "failed"
         REFUSED = "refused"  # a tool call the agent may not make, or with invalid arguments
         CANCELLED = "cancelled"
+        AWAITING_APPROVAL = "awaiting_approval"  # a tool call held for a human reviewer
 
     DONE_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.REFUSED, Status.CANCELLED)
 

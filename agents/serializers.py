@@ -10,6 +10,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tools.policy import version_grants
 from tools.registry import registry
 
 from .models import Agent, AuditEvent, Run, Step
@@ -41,6 +42,10 @@ class ToolSerializer(serializers.Serializer):
     name = serializers.CharField()
     description = serializers.CharField()
     parameters = serializers.DictField()
+    mode = serializers.ChoiceField(
+        choices=["allow", "require_approval"],
+        help_text="require_approval: a call waits for a human reviewer before it runs.",
+    )
 
 
 class AgentSerializer(serializers.ModelSerializer):
@@ -54,12 +59,20 @@ class AgentSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(ToolSerializer(many=True))
     def get_tools(self, agent: Agent) -> list[dict[str, Any]]:
-        specs = [registry.get(name) for name in agent.current_version.tools]  # type: ignore[union-attr]
-        return [
-            {"name": s.name, "description": s.description, "parameters": s.parameters_schema()}
-            for s in specs
-            if s is not None
-        ]
+        granted = version_grants(agent.current_version)  # type: ignore[arg-type]
+        tools = []
+        for name in sorted(granted):
+            spec = registry.get(name)
+            if spec is not None:
+                tools.append(
+                    {
+                        "name": spec.name,
+                        "description": spec.description,
+                        "parameters": spec.parameters_schema(),
+                        "mode": granted[name].get("mode", "allow"),
+                    }
+                )
+        return tools
 
 
 @extend_schema_field({"oneOf": [{"type": "string", "minLength": 1}, {"type": "object"}]})

@@ -57,13 +57,61 @@ def publish_agent_version(*, agent: Agent, user: User | None = None) -> AgentVer
     return version
 
 
+GrantSpec = str | dict[str, Any]
+
+
 @transaction.atomic
-def save_agent(*, agent: Agent, user: User | None = None) -> Agent:
-    """Validate and save an agent; publish a new version when its configuration changed."""
+def save_agent(
+    *,
+    agent: Agent,
+    user: User | None = None,
+    grants: list[str] | dict[str, GrantSpec] | None = None,
+) -> Agent:
+    """Validate and save an agent (and, if given, replace its tool grants); publish a new
+    version when its configuration changed."""
     agent.full_clean()
     agent.save()
+    if grants is not None:
+        set_grants(agent=agent, grants=grants)
     publish_agent_version(agent=agent, user=user)
     return agent
+
+
+def set_grants(*, agent: Agent, grants: list[str] | dict[str, GrantSpec]) -> None:
+    """Make ``grants`` the agent's tool grants, replacing the others. Does not publish.
+
+    ``grants`` lists tool names (each granted in the tool's default mode), or maps a name to a
+    mode (``"allow"``, ``"require_approval"``) or to ``{"mode": ..., "constraints": {...}}``.
+    Raises ValidationError naming the tool at fault.
+    """
+    from tools.catalogue import sync_tools
+    from tools.models import Tool, ToolGrant
+    from tools.registry import registry
+
+    wanted: dict[str, dict[str, Any]] = {}
+    items = grants.items() if isinstance(grants, dict) else ((name, {}) for name in grants)
+    for name, spec in items:
+        wanted[name] = {"mode": spec} if isinstance(spec, str) else dict(spec)
+    tools = {t.name: t for t in Tool.objects.filter(name__in=wanted)}
+    if set(wanted) - set(tools) and set(wanted) & set(registry.names()) - set(tools):
+        sync_tools()  # registered in code since the last sync
+        tools = {t.name: t for t in Tool.objects.filter(name__in=wanted)}
+    unknown = sorted(set(wanted) - set(tools))
+    if unknown:
+        raise ValidationError({"grants": f"Unknown tools: {', '.join(unknown)}."})
+    ToolGrant.objects.filter(agent=agent).exclude(tool__name__in=wanted).delete()
+    for name, spec in wanted.items():
+        tool = tools[name]
+        grant = ToolGrant.objects.filter(agent=agent, tool=tool).first() or ToolGrant(
+            agent=agent, tool=tool
+        )
+        grant.mode = spec.get("mode") or tool.default_mode
+        grant.constraints = spec.get("constraints") or {}
+        try:
+            grant.full_clean(exclude=["agent"])
+        except ValidationError as exc:
+            raise ValidationError({"grants": f"{name}: {'; '.join(exc.messages)}"}) from None
+        grant.save()
 
 
 def _has_nul(value: Any) -> bool:

@@ -266,11 +266,18 @@ CELERY_TASK_ROUTES = {
     "agents.reconcile_runs": {"queue": "maintenance"},
     "agents.deliver_webhook": {"queue": "maintenance"},
     "tools.execute_tool_call": {"queue": "tools"},
+    "tools.deliver_outbox": {"queue": "maintenance"},
 }
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower shows tasks as they happen
 CELERY_TASK_SEND_SENT_EVENT = True
 AGENTSITE_RECONCILE_INTERVAL = env_int("AGENTSITE_RECONCILE_INTERVAL", 30)
 CELERY_BEAT_SCHEDULE = {
+    # Outbox rows whose on-commit nudge was lost (broker down) are delivered on the next pass.
+    "deliver-outbox": {
+        "task": "tools.deliver_outbox",
+        "schedule": float(AGENTSITE_RECONCILE_INTERVAL),
+        "options": {"expires": float(AGENTSITE_RECONCILE_INTERVAL)},
+    },
     "reconcile-runs": {
         "task": "agents.reconcile_runs",
         "schedule": float(AGENTSITE_RECONCILE_INTERVAL),
@@ -293,6 +300,38 @@ AGENTSITE_STEP_LEASE_SECONDS = env_int(
 AGENTSITE_STALLED_AFTER = env_int("AGENTSITE_STALLED_AFTER", 60)
 AGENTSITE_MAX_TOOL_RESULT_CHARS = env_int("AGENTSITE_MAX_TOOL_RESULT_CHARS", 20_000)
 AGENTSITE_MAX_REFUSALS = env_int("AGENTSITE_MAX_REFUSALS", 3)
+
+# --- Tools ------------------------------------------------------------------------------------
+
+# Modules of your own @tool functions, imported at start-up by every process (comma-separated).
+AGENTSITE_TOOL_MODULES = env_list("AGENTSITE_TOOL_MODULES")
+# A tool call's hard time limit is its timeout plus this grace (the soft limit lets it clean
+# up); its lease adds a margin past the hard limit, after which its worker is presumed dead.
+AGENTSITE_TOOL_HARD_LIMIT_GRACE = env_int("AGENTSITE_TOOL_HARD_LIMIT_GRACE", 10)
+AGENTSITE_TOOL_LEASE_MARGIN = env_int("AGENTSITE_TOOL_LEASE_MARGIN", 30)
+# Circuit breaker per tool, shared by all workers through Redis: after FAILURES failures within
+# WINDOW seconds calls are short-circuited for COOLDOWN seconds, then one probe call decides.
+AGENTSITE_BREAKER_FAILURES = env_int("AGENTSITE_BREAKER_FAILURES", 5)
+AGENTSITE_BREAKER_WINDOW = env_int("AGENTSITE_BREAKER_WINDOW", 60)
+AGENTSITE_BREAKER_COOLDOWN = env_int("AGENTSITE_BREAKER_COOLDOWN", 30)
+# http_get: the most bytes of a response body it reads, and redirects it follows (same host).
+AGENTSITE_HTTP_GET_MAX_BYTES = env_int("AGENTSITE_HTTP_GET_MAX_BYTES", 1_000_000)
+AGENTSITE_HTTP_GET_MAX_REDIRECTS = env_int("AGENTSITE_HTTP_GET_MAX_REDIRECTS", 3)
+# The outbox relay gives up on a side effect after this many failed deliveries.
+AGENTSITE_OUTBOX_MAX_ATTEMPTS = env_int("AGENTSITE_OUTBOX_MAX_ATTEMPTS", 5)
+
+# E-mail that send_email puts in the outbox is delivered by the relay through this backend:
+# printed to the worker's log by default; set EMAIL_BACKEND to Django's SMTP backend
+# (django.core.mail.backends.smtp.EmailBackend) and EMAIL_HOST etc. to really send.
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS")
+# The relay holds a row lock while it sends; a bounded send keeps that short.
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10)
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "agentsite@localhost")
 
 # Named OpenAI-compatible providers: AGENTSITE_PROVIDER_<NAME>_BASE_URL, ..._API_KEY and
 # optionally ..._TIMEOUT (seconds). A route "local:llama-3.1-8b" uses provider "local".

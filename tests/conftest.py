@@ -23,6 +23,10 @@ from agents.providers.fake_server import FakeOpenAIServer
 from agents.services import save_agent
 from tools.services import execute_tool_call
 
+# The test-only tools, registered in this process as AGENTSITE_TOOL_MODULES registers them in
+# the worker (the catalogue is synced when the test database is migrated).
+from .tools import sample_tools  # noqa: F401
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 # The worker and the API server sign and allow webhooks with these; `webhook_secret` makes the
@@ -54,8 +58,10 @@ def make_agent(db: None) -> Callable[..., Agent]:
 
     def build(**fields: Any) -> Agent:
         slug = fields.pop("slug", None) or f"agent-{next(counter)}"
+        grants = fields.pop("tools", None)
+        grants = fields.pop("grants", grants)
         agent = Agent(slug=slug, name=fields.pop("name", slug), **fields)
-        return save_agent(agent=agent)
+        return save_agent(agent=agent, grants=grants)
 
     return build
 
@@ -79,6 +85,8 @@ def drive(run_id: Any, *, max_iterations: int = 100) -> Run:
         if tools:
             for index in tools:
                 execute_tool_call(run_id=run.pk, step_index=index)
+        elif run.status == Run.Status.WAITING_APPROVAL:
+            return run  # a reviewer decides next
         else:
             engine.advance(run.pk)
     raise AssertionError(f"run {run_id} did not finish in {max_iterations} iterations")
@@ -156,6 +164,12 @@ def celery_worker(
         "AGENTSITE_RETRY_BACKOFF_BASE": "0.05",
         "AGENTSITE_RETRY_BACKOFF_MAX": "1",
         "AGENTSITE_STALLED_AFTER": "3",
+        "AGENTSITE_TOOL_MODULES": "tests.tools.sample_tools",
+        # A killed tool call is taken over 2 s after its hard limit, not 40 s.
+        "AGENTSITE_TOOL_HARD_LIMIT_GRACE": "1",
+        "AGENTSITE_TOOL_LEASE_MARGIN": "1",
+        "AGENTSITE_BREAKER_FAILURES": "3",
+        "AGENTSITE_BREAKER_COOLDOWN": "2",
         **WEBHOOK_ENV,
     }
     with log.open("wb") as out:

@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from agents.models import Agent, AgentVersion, AuditEvent, Run
-from tools.models import KnowledgeArticle
+from tools.models import KnowledgeDocument
 
 pytestmark = pytest.mark.django_db
 
@@ -23,7 +23,7 @@ def run_command(*args: str, **options: object) -> str:
 def test_seed_demo_is_idempotent():
     first = run_command("seed_demo")
     assert "seeded 5 articles, 2 agents" in first
-    articles = dict(KnowledgeArticle.objects.values_list("title", "body"))
+    articles = dict(KnowledgeDocument.objects.values_list("title", "body"))
     assert len(articles) == 5 and "Refund policy" in articles
 
     second = run_command("seed_demo")
@@ -32,15 +32,15 @@ def test_seed_demo_is_idempotent():
 
     assert set(Agent.objects.values_list("slug", flat=True)) == {"support-assistant", "math-tutor"}
     for slug, tools in [
-        ("support-assistant", ["calculator", "search_knowledge"]),
+        ("support-assistant", ["calculator", "knowledge_search"]),
         ("math-tutor", ["calculator"]),
     ]:
         agent = Agent.objects.get(slug=slug)
         assert agent.current_version.number == 1, slug
         assert agent.current_version.tools == tools
         assert AgentVersion.objects.filter(agent=agent).count() == 1, slug
-    assert KnowledgeArticle.objects.count() == 5
-    assert dict(KnowledgeArticle.objects.values_list("title", "body")) == articles
+    assert KnowledgeDocument.objects.count() == 5
+    assert dict(KnowledgeDocument.objects.values_list("title", "body")) == articles
     assert AuditEvent.objects.filter(action="agent.version_published").count() == 2
 
 

@@ -1,18 +1,15 @@
-"""Built-in tools: a safe calculator and a search over the knowledge table."""
+"""The built-in ``calculator``: arithmetic without eval."""
 
 from __future__ import annotations
 
 import ast
 import math
 import operator
-import re
 from collections.abc import Callable
 from typing import Any
 
-from django.db.models import Q
 from pydantic import BaseModel, Field
 
-from .models import KnowledgeArticle
 from .registry import ToolContext, ToolError, tool
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
@@ -82,43 +79,3 @@ def calculator(args: CalculatorArgs, ctx: ToolContext) -> dict[str, Any]:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return {"expression": args.expression, "result": value}
-
-
-class SearchKnowledgeArgs(BaseModel):
-    query: str = Field(min_length=1, max_length=500, description="What to look for.")
-    limit: int = Field(default=3, ge=1, le=10, description="How many articles at most.")
-
-
-_WORD = re.compile(r"[a-z0-9]{3,}")
-_STOPWORDS = {"the", "and", "for", "how", "what", "when", "can", "does", "you", "your", "are"}
-
-
-@tool(
-    name="search_knowledge",
-    description="Search the knowledge base and return the best matching articles.",
-    risk="low",
-    timeout=10,
-)
-def search_knowledge(args: SearchKnowledgeArgs, ctx: ToolContext) -> dict[str, Any]:
-    words = [w for w in _WORD.findall(args.query.lower()) if w not in _STOPWORDS][:12]
-    if not words:
-        return {"query": args.query, "articles": []}
-    stems = [w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words]
-    match = Q()
-    for stem in stems:
-        match |= Q(title__icontains=stem) | Q(body__icontains=stem) | Q(tags__icontains=stem)
-    scored = []
-    for article in KnowledgeArticle.objects.filter(match)[:200]:
-        heading = f"{article.title} {article.tags}".lower()
-        body = article.body.lower()
-        # A word in the title or tags says more about the article than one in its body.
-        score = sum(3 * (stem in heading) + (stem in body) for stem in stems)
-        scored.append((score, article.title, article))
-    scored.sort(key=lambda item: (-item[0], item[1]))
-    return {
-        "query": args.query,
-        "articles": [
-            {"title": article.title, "body": article.body[:1000]}
-            for _, _, article in scored[: args.limit]
-        ],
-    }

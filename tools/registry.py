@@ -6,10 +6,12 @@ is validated before execution are the same thing.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -24,7 +26,12 @@ class TransientToolError(ToolError):
 
 
 class ToolArgumentsInvalid(ToolError):
-    """The model's arguments do not validate against the tool's args model."""
+    """The model's arguments do not validate against the tool's args model or its grant's
+    constraints."""
+
+
+RISKS = ("low", "medium", "high")
+MODES = ("allow", "require_approval")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class ToolContext:
     step_index: int
     idempotency_key: str
     attempt: int
+    tool: str = ""
+    # The grant's argument constraints (already checked); a tool may apply them again where a
+    # value is only known during the call (e.g. the host a redirect points at).
+    constraints: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,10 @@ class ToolSpec:
     risk: str = "low"
     timeout: int = 30
     retries: int = 3
+    # Tools that change the world record what they did in the outbox (see tools.outbox).
+    side_effects: bool = False
+    # The mode a new grant of this tool gets unless the operator chooses otherwise.
+    default_mode: str = "allow"
 
     def parameters_schema(self) -> dict[str, Any]:
         schema = self.args_model.model_json_schema()
@@ -62,6 +77,20 @@ class ToolSpec:
                 "parameters": self.parameters_schema(),
             },
         }
+
+    def definition(self) -> dict[str, Any]:
+        """What the catalogue mirrors; a change of it is a new version of the tool."""
+        return {
+            "description": self.description,
+            "parameters": self.parameters_schema(),
+            "risk": self.risk,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "side_effects": self.side_effects,
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.definition(), sort_keys=True).encode()).hexdigest()
 
     def validate(self, arguments: Any) -> BaseModel:
         if not isinstance(arguments, dict):
@@ -111,8 +140,20 @@ def tool(
     risk: str = "low",
     timeout: int = 30,
     retries: int = 3,
+    side_effects: bool = False,
+    requires_approval: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``func(args: ArgsModel, ctx: ToolContext) -> JSON value`` as a tool."""
+    """Register ``func(args: ArgsModel, ctx: ToolContext) -> JSON value`` as a tool.
+
+    ``retries`` is how many times a transient failure (TransientToolError, a timeout, a lost
+    connection) is retried with backoff; ``timeout`` is the soft time limit of one attempt (the
+    hard limit adds ``AGENTSITE_TOOL_HARD_LIMIT_GRACE``). ``requires_approval`` makes new grants
+    default to ``require_approval``.
+    """
+    if risk not in RISKS:
+        raise ValueError(f"tool {name!r}: risk must be one of {', '.join(RISKS)}")
+    if timeout < 1 or retries < 0:
+        raise ValueError(f"tool {name!r}: timeout must be >= 1 and retries >= 0")
 
     def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
         params = list(inspect.signature(func).parameters)
@@ -134,6 +175,8 @@ def tool(
                 risk=risk,
                 timeout=timeout,
                 retries=retries,
+                side_effects=side_effects,
+                default_mode="require_approval" if requires_approval else "allow",
             )
         )
         return func

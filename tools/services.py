@@ -27,7 +27,9 @@ from agents.dispatch import advance_run_on_commit
 from agents.engine import backoff_seconds
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
+from approvals.models import Approval, action_digest
 
+from . import breaker, policy
 from .registry import ToolContext, ToolError, TransientToolError, registry
 
 logger = logging.getLogger(__name__)
@@ -52,8 +54,8 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
                 status=Step.Status.CANCELLED, finished_at=timezone.now()
             )
             return None
-        if run.status != Run.Status.RUNNING:
-            return None  # e.g. waiting for a human; the step waits too
+        if run.status not in (Run.Status.RUNNING, Run.Status.WAITING_APPROVAL):
+            return None  # queued (cannot happen for a tool step) or final
         now = timezone.now()
         if step.status == Step.Status.PENDING and step.not_before and step.not_before > now:
             return None  # backing off; the delayed task (or the reconciler) comes back
@@ -103,9 +105,13 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
 
 
 def _lease_seconds(tool_name: str) -> int:
-    """Past the tool's hard time limit (its timeout + 10 s) and a margin, its worker is dead."""
+    """Past the tool's hard time limit (timeout + grace) and a margin, its worker is dead."""
     spec = registry.get(tool_name)
-    return (spec.timeout if spec else 30) + 40
+    return (
+        (spec.timeout if spec else 30)
+        + settings.AGENTSITE_TOOL_HARD_LIMIT_GRACE
+        + settings.AGENTSITE_TOOL_LEASE_MARGIN
+    )
 
 
 def _max_attempts(tool_name: str) -> int:
@@ -121,8 +127,11 @@ def _jsonable(value: Any) -> Any:
 def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     """Perform one tool step of a run, at most once at a time, and nudge the run when done.
 
-    Transient failures (TransientToolError, timeouts, connection errors) are retried with
-    backoff up to the tool's ``retries``; other failures are reported to the model.
+    The call is authorised again here (a grant revoked or a tool disabled since the model asked
+    is refused now), an approved call runs only with exactly the approved arguments, and the
+    tool's circuit breaker may short-circuit it. Transient failures (TransientToolError,
+    timeouts, connection errors) are retried with backoff up to the tool's ``retries``; other
+    failures are reported to the model.
     """
     step = _claim(run_id, step_index)
     if step is None:
@@ -131,11 +140,33 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     if spec is None:
         _record(step, error=f"tool {step.tool_name!r} is no longer installed", latency_ms=0)
         return ToolOutcome()
+    run = Run.objects.select_related("agent_version").get(pk=step.run_id)
+    arguments = step.request.get("arguments")
+    verdict = policy.authorize(run, spec.name, arguments)
+    if verdict.refusal:
+        _record(step, error=verdict.refusal, latency_ms=0, refused=True)
+        return ToolOutcome()
+    if verdict.mode == "require_approval":
+        problem = _check_approval(step, arguments)
+        if problem:
+            _record(step, error=problem, latency_ms=0, refused=True)
+            return ToolOutcome()
+    state = breaker.before_call(spec.name)
+    if not state.allowed:
+        _record(
+            step,
+            error=policy.unavailable_message(spec.name, state.retry_in),
+            latency_ms=0,
+            audit_action="tool_call.short_circuited",
+        )
+        return ToolOutcome()
     ctx = ToolContext(
         run_id=str(step.run_id),
         step_index=step.index,
         idempotency_key=step.idempotency_key,
         attempt=step.attempts,
+        tool=spec.name,
+        constraints=verdict.merged_constraints,
     )
     started = time.monotonic()
     transient: Exception | None = None
@@ -151,17 +182,22 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     ) as exc:
         transient = exc
     except ToolError as exc:
+        breaker.record_success(spec.name)  # it answered; the model's request was at fault
         _record(step, error=str(exc), latency_ms=_ms(started))
         return ToolOutcome()
     except Exception as exc:
+        breaker.record_failure(spec.name)
         logger.exception("tool %s crashed in run %s step %s", spec.name, step.run_id, step.index)
         _record(
             step, error=f"the tool crashed: {type(exc).__name__}: {exc}", latency_ms=_ms(started)
         )
         return ToolOutcome()
     else:
+        breaker.record_success(spec.name)
         _record(step, result=result, latency_ms=_ms(started))
         return ToolOutcome()
+
+    breaker.record_failure(spec.name)
 
     reason = (
         f"timed out after {spec.timeout}s"
@@ -206,11 +242,41 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _record(step: Step, *, result: Any = None, error: str = "", latency_ms: int) -> None:
+def _check_approval(step: Step, arguments: Any) -> str:
+    """Why an approval-gated call may not run now, or "" when it may: it must carry an approved
+    approval whose digest matches exactly what is about to run, consumed by this step only."""
+    approval_id = step.request.get("approval")
+    approval = (
+        Approval.objects.filter(pk=approval_id, run_id=step.run_id).first() if approval_id else None
+    )
+    if approval is None or approval.status != Approval.Status.APPROVED:
+        return f"tool {step.tool_name!r} needs a reviewer's approval, and this call has none"
+    if approval.step_index != step.index or approval.approved_digest != action_digest(
+        step.tool_name, arguments
+    ):
+        return "the arguments differ from what the reviewer approved; the call was not run"
+    Approval.objects.filter(pk=approval.pk, consumed_at__isnull=True).update(
+        consumed_at=timezone.now()
+    )
+    return ""
+
+
+def _record(
+    step: Step,
+    *,
+    result: Any = None,
+    error: str = "",
+    latency_ms: int,
+    refused: bool = False,
+    audit_action: str = "",
+) -> None:
     with transaction.atomic():
         run = Run.objects.select_for_update().get(pk=step.run_id)
-        status = Step.Status.FAILED if error else Step.Status.SUCCEEDED
-        if run.status != Run.Status.RUNNING:
+        if refused:
+            status = Step.Status.REFUSED
+        else:
+            status = Step.Status.FAILED if error else Step.Status.SUCCEEDED
+        if run.is_final:
             status = Step.Status.CANCELLED
         recorded = Step.objects.filter(
             pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
@@ -225,8 +291,9 @@ def _record(step: Step, *, result: Any = None, error: str = "", latency_ms: int)
         if not recorded:
             return
         Run.objects.filter(pk=run.pk).update(updated_at=timezone.now())
+        outcome = "refused" if refused else "failed" if error else "succeeded"
         audit.record(
-            f"tool_call.{'failed' if error else 'succeeded'}",
+            audit_action or f"tool_call.{outcome}",
             run=run,
             step_index=step.index,
             payload={"tool": step.tool_name, "error": error, "latency_ms": latency_ms}

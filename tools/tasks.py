@@ -38,3 +38,11 @@ def execute_tool_call(run_id: str, step_index: int) -> None:
     outcome = services.execute_tool_call(run_id=run_id, step_index=step_index)
     if outcome.retry_in is not None:
         tool_call_on_commit(run_id, step_index, timeout=outcome.timeout, countdown=outcome.retry_in)
+
+
+@shared_task(name="tools.deliver_outbox", acks_late=True, ignore_result=True)
+def deliver_outbox() -> int:
+    """Deliver pending side effects from the outbox (nudged on commit, and by beat)."""
+    from .relay import deliver_pending
+
+    return deliver_pending()

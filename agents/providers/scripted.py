@@ -3,7 +3,7 @@
 A script is a list of turns. The turn played is the number of assistant messages since the last
 user message, so the provider keeps no state and a retried or redelivered call answers the same.
 
-    [{"tool_calls": [{"name": "search_knowledge", "arguments": {"query": "{input}"}}]},
+    [{"tool_calls": [{"name": "knowledge_search", "arguments": {"query": "{input}"}}]},
      {"text": "Here is what I found: {last_tool_result}"}]
 
 Templates: ``{input}`` (the last user message), ``{last_tool_result}``, ``{tool_results}``.

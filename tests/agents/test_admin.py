@@ -14,7 +14,7 @@ from agents.models import Agent, AgentVersion, AuditEvent, ModelProvider, Run, S
 from agents.providers import resolve_route
 from agents.services import start_session, submit_run
 from tests.conftest import drive
-from tools.models import KnowledgeArticle
+from tools.models import KnowledgeDocument, OutboxMessage, Tool
 
 pytestmark = pytest.mark.django_db
 
@@ -100,7 +100,10 @@ def test_changelists_answer_200_and_show_their_rows(admin_client, make_agent):
     run = drive(submit_run(agent=agent, input="6*7", session=session).pk)
     assert run.status == Run.Status.SUCCEEDED
     ModelProvider.objects.create(name="localprov", base_url="http://127.0.0.1:9/v1")
-    KnowledgeArticle.objects.create(title="Refund policy", body="Five days.", tags="refund")
+    KnowledgeDocument.objects.create(title="Refund policy", body="Five days.", tags="refund")
+    OutboxMessage.objects.create(
+        idempotency_key="k", tool="send_email", kind="email", destination="someone@example.com"
+    )
 
     expectations = {
         "/admin/agents/agent/": ("calc-agent", Agent.objects.count()),
@@ -110,7 +113,9 @@ def test_changelists_answer_200_and_show_their_rows(admin_client, make_agent):
         "/admin/agents/session/": (str(session.pk), 1),
         "/admin/agents/auditevent/": ("run.succeeded", AuditEvent.objects.count()),
         "/admin/agents/modelprovider/": ("localprov", 1),
-        "/admin/tools/knowledgearticle/": ("Refund policy", 1),
+        "/admin/tools/knowledgedocument/": ("Refund policy", 1),
+        "/admin/tools/tool/": ("knowledge_search", Tool.objects.count()),
+        "/admin/tools/outboxmessage/": ("someone@example.com", 1),
     }
     for url, (text, count) in expectations.items():
         response = admin_client.get(url)
@@ -180,6 +185,23 @@ def test_runs_changelist_filters_by_status(admin_client, make_agent):
     assert [r.pk for r in response.context["cl"].result_list] == [ok.pk]
 
 
+def grant_rows(data: dict[str, Any], *rows: tuple[str, str, str]) -> dict[str, Any]:
+    """Replace the tool-grant inline of an admin form's data with ``rows`` of
+    (tool name, mode, constraints JSON); existing rows not listed are deleted."""
+    existing = int(data.get("grants-INITIAL_FORMS", 0))
+    for i in range(existing):
+        data[f"grants-{i}-DELETE"] = "on"
+    for offset, (name, mode, constraints) in enumerate(rows):
+        i = existing + offset
+        data[f"grants-{i}-tool"] = str(Tool.objects.get(name=name).pk)
+        data[f"grants-{i}-mode"] = mode
+        data[f"grants-{i}-constraints"] = constraints
+        data[f"grants-{i}-id"] = ""
+        data[f"grants-{i}-agent"] = data.get("grants-0-agent", "")
+    data["grants-TOTAL_FORMS"] = str(existing + len(rows))
+    return data
+
+
 def test_editing_an_agent_in_the_admin_publishes_a_version_only_on_change(
     admin_client, admin_user, make_agent
 ):
@@ -189,7 +211,8 @@ def test_editing_an_agent_in_the_admin_publishes_a_version_only_on_change(
 
     # Saving the form unchanged publishes nothing.
     data = form_data(admin_client.get(url))
-    assert data["tools"] == "calculator"
+    assert data["grants-TOTAL_FORMS"] == "1"
+    assert data["grants-0-tool"] == str(Tool.objects.get(name="calculator").pk)
     assert "versions-TOTAL_FORMS" in data
     response = admin_client.post(url, {**data, "_save": "Save"})
     assert response.status_code == 302, response.content.decode()[:3000]
@@ -198,10 +221,14 @@ def test_editing_an_agent_in_the_admin_publishes_a_version_only_on_change(
     assert agent.versions.count() == 1
     assert not any("Published" in m for m in messages_of(response))
 
-    # A changed configuration publishes version 2, pinned with the new settings.
+    # A changed configuration (grants included) publishes version 2 with the new settings.
     data = form_data(admin_client.get(url))
+    data = grant_rows(
+        data,
+        ("calculator", "allow", "{}"),
+        ("knowledge_search", "require_approval", '{"limit": {"max": 2}}'),
+    )
     data.update(
-        tools=["calculator", "search_knowledge"],
         system_prompt="Be brief.",
         escalation_policy='{"on_refusal": true}',
         _save="Save",
@@ -211,41 +238,70 @@ def test_editing_an_agent_in_the_admin_publishes_a_version_only_on_change(
     agent.refresh_from_db()
     version = agent.current_version
     assert version.number == 2 and agent.versions.count() == 2
-    assert version.tools == ["calculator", "search_knowledge"]
+    assert version.tools == ["calculator", "knowledge_search"]
+    assert version.grants == {
+        "calculator": {"mode": "allow", "constraints": {}},
+        "knowledge_search": {"mode": "require_approval", "constraints": {"limit": {"max": 2}}},
+    }
     assert version.system_prompt == "Be brief."
     assert version.escalation_policy == {"on_refusal": True}
     assert version.created_by == admin_user
     assert any("Published editme v2" in m for m in messages_of(response))
     assert AgentVersion.objects.get(agent=agent, number=1).system_prompt == ""
+    assert AgentVersion.objects.get(agent=agent, number=1).tools == ["calculator"]
 
 
 def test_adding_an_agent_in_the_admin_publishes_version_1(admin_client):
     data = form_data(admin_client.get("/admin/agents/agent/add/"))
-    data.update(
-        slug="added",
-        name="Added",
-        tools=["calculator"],
-        script=json.dumps(SCRIPT),
-        _save="Save",
-    )
+    data = grant_rows(data, ("calculator", "", "{}"), ("send_email", "", "{}"))
+    data.update(slug="added", name="Added", script=json.dumps(SCRIPT), _save="Save")
     response = admin_client.post("/admin/agents/agent/add/", data)
     assert response.status_code == 302, response.content.decode()[:3000]
     agent = Agent.objects.get(slug="added")
     assert agent.current_version.number == 1
-    assert agent.current_version.tools == ["calculator"]
+    assert agent.current_version.tools == ["calculator", "send_email"]
+    # A blank mode takes the tool's default: side-effecting send_email requires approval.
+    assert agent.current_version.grants["calculator"]["mode"] == "allow"
+    assert agent.current_version.grants["send_email"]["mode"] == "require_approval"
     assert agent.current_version.script == SCRIPT
 
 
-def test_adding_an_agent_with_an_unknown_tool_is_a_form_error(admin_client):
+@pytest.mark.parametrize(
+    ("constraints", "expected"),
+    [
+        ('{"expresion": {"max_length": 5}}', "not an argument of this tool"),
+        ('{"expression": {"maximum": 5}}', "unknown rule"),
+        ('{"expression": {"pattern": "("}}', "not a valid regular expression"),
+        ('["expression"]', "JSON object"),
+    ],
+)
+def test_invalid_grant_constraints_are_a_form_error(admin_client, constraints, expected):
     data = form_data(admin_client.get("/admin/agents/agent/add/"))
-    data.update(slug="badtools", name="Bad tools", tools=["calculator", "rm_rf"], _save="Save")
+    data = grant_rows(data, ("calculator", "allow", constraints))
+    data.update(slug="badgrant", name="Bad grant", _save="Save")
 
     response = admin_client.post("/admin/agents/agent/add/", data)
     assert response.status_code == 200
-    errors = response.context["adminform"].form.errors
-    assert "tools" in errors and "rm_rf" in str(errors["tools"])
-    assert not Agent.objects.filter(slug="badtools").exists()
-    assert not AgentVersion.objects.filter(agent__slug="badtools").exists()
+    errors = str(response.context["inline_admin_formsets"][0].formset.errors)
+    assert expected in errors
+    assert not Agent.objects.filter(slug="badgrant").exists()
+    assert not AgentVersion.objects.filter(agent__slug="badgrant").exists()
+
+
+def test_an_unavailable_tool_cannot_be_granted_in_the_admin(admin_client):
+    Tool.objects.create(name="retired_tool", available=False)
+    data = form_data(admin_client.get("/admin/agents/agent/add/"))
+    data["grants-TOTAL_FORMS"] = "1"
+    data.update(
+        {"grants-0-tool": str(Tool.objects.get(name="retired_tool").pk), "grants-0-mode": ""}
+    )
+    data.update(slug="retired", name="Retired", _save="Save")
+
+    response = admin_client.post("/admin/agents/agent/add/", data)
+    assert response.status_code == 200
+    errors = str(response.context["inline_admin_formsets"][0].formset.errors)
+    assert "Select a valid choice" in errors
+    assert not Agent.objects.filter(slug="retired").exists()
 
 
 def test_invalid_json_in_an_agent_field_is_a_form_error(admin_client, make_agent):

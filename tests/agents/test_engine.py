@@ -101,7 +101,7 @@ def test_a_step_lost_on_every_attempt_fails_the_run(make_agent, settings):
 
 def test_a_tool_the_agent_is_not_granted_is_refused_and_reported_to_the_model(make_agent):
     script = [
-        {"tool_calls": [{"name": "search_knowledge", "arguments": {"query": "x"}}]},
+        {"tool_calls": [{"name": "knowledge_search", "arguments": {"query": "x"}}]},
         {"text": "The tool said: {last_tool_result}"},
     ]
     agent = make_agent(tools=["calculator"], script=script)
@@ -111,7 +111,7 @@ def test_a_tool_the_agent_is_not_granted_is_refused_and_reported_to_the_model(ma
     assert tool_step.status == Step.Status.REFUSED and tool_step.attempts == 0
     assert "not available to this agent" in tool_step.error
     assert run.status == Run.Status.SUCCEEDED
-    assert run.result.startswith("The tool said: Refused: tool 'search_knowledge' is not available")
+    assert run.result.startswith("The tool said: Refused: tool 'knowledge_search' is not available")
     assert "tool_call.refused" in actions(run)
 
 

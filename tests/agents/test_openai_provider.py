@@ -92,7 +92,7 @@ def test_a_tool_call_answer_and_what_the_server_received(fake_openai):
         tool_calls=[
             [
                 {"name": "calculator", "arguments": {"expression": "{input}"}},
-                {"name": "search_knowledge", "arguments": {"query": "refunds", "limit": 2}},
+                {"name": "knowledge_search", "arguments": {"query": "refunds", "limit": 2}},
             ]
         ],
     )
@@ -110,7 +110,7 @@ def test_a_tool_call_answer_and_what_the_server_received(fake_openai):
     assert response.finish_reason == "tool_calls"
     assert [(c.id, c.name, c.arguments, c.arguments_error) for c in response.tool_calls] == [
         ("call_0_0", "calculator", {"expression": "6*7"}, ""),
-        ("call_0_1", "search_knowledge", {"query": "refunds", "limit": 2}, ""),
+        ("call_0_1", "knowledge_search", {"query": "refunds", "limit": 2}, ""),
     ]
     assert response.usage_reported is True and response.output_tokens > 0
     (body,) = bodies(fake_openai, model)

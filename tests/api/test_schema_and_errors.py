@@ -189,15 +189,17 @@ def test_agents_lists_active_agents_with_their_version_and_tools(client_a, make_
 
 def test_agent_detail_shows_the_current_version(client_a, make_agent):
     agent = make_agent(slug="calc", tools=["calculator"])
-    agent.tools = ["calculator", "search_knowledge"]
-    save_agent(agent=agent)
+    save_agent(agent=agent, grants={"calculator": "allow", "knowledge_search": "require_approval"})
 
     response = client_a.get("/api/v1/agents/calc/")
 
     assert response.status_code == 200
     body = response.json()
     assert body["slug"] == "calc" and body["version"] == 2
-    assert {t["name"] for t in body["tools"]} == {"calculator", "search_knowledge"}
+    assert {t["name"]: t["mode"] for t in body["tools"]} == {
+        "calculator": "allow",
+        "knowledge_search": "require_approval",
+    }
     for tool in body["tools"]:
         assert tool["parameters"]["type"] == "object" and tool["parameters"]["properties"]
 

@@ -196,7 +196,7 @@ def test_submit_then_the_event_stream_follows_the_run_to_success(client):
         ("tool", "succeeded"),
         ("model", "succeeded"),
     ]
-    assert steps[1]["tool_name"] == "search_knowledge"
+    assert steps[1]["tool_name"] == "knowledge_search"
 
 
 def test_reconnecting_with_last_event_id_resumes_after_it(client):

@@ -1,11 +1,10 @@
-"""The built-in tools: the safe calculator and the knowledge search."""
+"""The built-in calculator (knowledge_search, http_get and send_email have their own files)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tools.builtin import CalculatorArgs, SearchKnowledgeArgs, calculator, search_knowledge
-from tools.models import KnowledgeArticle
+from tools.builtin import CalculatorArgs, calculator
 from tools.registry import ToolArgumentsInvalid, ToolContext, ToolError, registry
 
 CTX = ToolContext(run_id="run", step_index=1, idempotency_key="run:1", attempt=1)
@@ -146,90 +145,3 @@ def test_missing_or_mistyped_calculator_arguments_name_the_field():
         spec.validate({})
     with pytest.raises(ToolArgumentsInvalid, match="expression: Input should be a valid string"):
         spec.validate({"expression": 42})
-
-
-# --- search_knowledge ------------------------------------------------------------------------
-
-
-def search(query: str, **fields):
-    return search_knowledge(SearchKnowledgeArgs(query=query, **fields), CTX)
-
-
-def titles(result) -> list[str]:
-    return [article["title"] for article in result["articles"]]
-
-
-@pytest.fixture
-def articles(db):
-    KnowledgeArticle.objects.create(
-        title="Shipping times",
-        body="Orders ship in two days. A refund is possible if a parcel is lost.",
-        tags="shipping,delivery",
-    )
-    KnowledgeArticle.objects.create(
-        title="Refund policy",
-        body="You can ask for your money back within 30 days.",
-        tags="billing",
-    )
-    KnowledgeArticle.objects.create(
-        title="Money back guarantee",
-        body="Unhappy? We return the full price.",
-        tags="refund,billing",
-    )
-    KnowledgeArticle.objects.create(
-        title="Password reset",
-        body="Use the 'forgot password' link on the login page.",
-        tags="account,login",
-    )
-
-
-def test_title_and_tag_matches_rank_above_body_only_matches(articles):
-    result = search("refund")
-    # Title and tag matches score the same and are ordered by title; the body-only match is last.
-    assert titles(result) == ["Money back guarantee", "Refund policy", "Shipping times"]
-    assert result["query"] == "refund"
-
-
-def test_a_plural_matches_the_singular(articles):
-    assert titles(search("refunds")) == titles(search("refund"))
-    assert "Refund policy" in titles(search("REFUNDS"))
-
-
-def test_more_matching_words_rank_higher(articles):
-    # Money back guarantee: 3 heading words (9); Refund policy: 1 heading + 2 body words (5).
-    assert titles(search("money back refund")) == [
-        "Money back guarantee",
-        "Refund policy",
-        "Shipping times",
-    ]
-
-
-def test_the_limit_argument(articles):
-    assert titles(search("refund", limit=1)) == ["Money back guarantee"]
-    assert len(search("refund", limit=2)["articles"]) == 2
-    assert len(search("refund")["articles"]) == 3  # the default limit is 3
-
-
-def test_the_limit_is_validated():
-    spec = registry.get("search_knowledge")
-    with pytest.raises(ToolArgumentsInvalid, match="limit"):
-        spec.validate({"query": "x", "limit": 0})
-    with pytest.raises(ToolArgumentsInvalid, match="limit"):
-        spec.validate({"query": "x", "limit": 11})
-    with pytest.raises(ToolArgumentsInvalid, match="query"):
-        spec.validate({"query": ""})
-
-
-@pytest.mark.parametrize("query", ["how can you", "the and for what", "is a to", "?!"])
-def test_a_query_of_only_stopwords_or_short_words_finds_nothing(articles, query):
-    assert search(query) == {"query": query, "articles": []}
-
-
-def test_no_match_is_an_empty_list(articles):
-    assert search("quantum chromodynamics")["articles"] == []
-
-
-def test_articles_carry_the_body_truncated(db):
-    KnowledgeArticle.objects.create(title="Long read", body="word " * 500, tags="")
-    (article,) = search("long read")["articles"]
-    assert article == {"title": "Long read", "body": ("word " * 500)[:1000]}

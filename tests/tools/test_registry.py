@@ -159,14 +159,14 @@ def test_validating_a_non_object_is_refused(arguments, type_name):
 
 def test_validation_errors_name_every_field():
     with pytest.raises(ToolArgumentsInvalid) as info:
-        registry.get("search_knowledge").validate({"query": "", "limit": "many"})
+        registry.get("knowledge_search").validate({"query": "", "limit": "many"})
     message = str(info.value)
-    assert message.startswith("invalid arguments for search_knowledge: ")
+    assert message.startswith("invalid arguments for knowledge_search: ")
     assert "query: " in message and "limit: " in message
 
 
 def test_valid_arguments_become_the_args_model():
-    args = registry.get("search_knowledge").validate({"query": "refund"})
+    args = registry.get("knowledge_search").validate({"query": "refund"})
     assert args.query == "refund" and args.limit == 3
 
 

@@ -1,4 +1,4 @@
-"""Create the demo agents and knowledge base. Idempotent: re-running changes nothing."""
+"""Create the demo agents (with their tool grants) and knowledge base. Idempotent."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from django.db import transaction
 
 from agents.models import Agent
 from agents.services import save_agent
-from tools.models import KnowledgeArticle
+from tools.models import KnowledgeDocument
 
 ARTICLES = [
     (
@@ -49,12 +49,12 @@ AGENTS: list[dict[str, Any]] = [
         "model_route": "scripted:demo",
         "system_prompt": (
             "You are a support assistant. Answer only from the knowledge base; search it with "
-            "the search_knowledge tool before answering."
+            "the knowledge_search tool before answering."
         ),
-        "tools": ["search_knowledge", "calculator"],
+        "tools": ["knowledge_search", "calculator"],
         "max_steps": 10,
         "script": [
-            {"tool_calls": [{"name": "search_knowledge", "arguments": {"query": "{input}"}}]},
+            {"tool_calls": [{"name": "knowledge_search", "arguments": {"query": "{input}"}}]},
             {"text": "Here is what the knowledge base says: {last_tool_result}"},
         ],
     },
@@ -80,14 +80,16 @@ class Command(BaseCommand):
     @transaction.atomic
     def handle(self, *args: Any, **options: Any) -> None:
         for title, tags, body in ARTICLES:
-            KnowledgeArticle.objects.update_or_create(
+            KnowledgeDocument.objects.update_or_create(
                 title=title, defaults={"tags": tags, "body": body}
             )
         for spec in AGENTS:
             agent = Agent.objects.filter(slug=spec["slug"]).first() or Agent(slug=spec["slug"])
-            for field, value in spec.items():
+            config = dict(spec)
+            grants = config.pop("tools")
+            for field, value in config.items():
                 setattr(agent, field, value)
-            save_agent(agent=agent)
+            save_agent(agent=agent, grants=grants)
             self.stdout.write(f"agent {agent.slug}: {agent.current_version}")
         self.stdout.write(
             self.style.SUCCESS(f"seeded {len(ARTICLES)} articles, {len(AGENTS)} agents")

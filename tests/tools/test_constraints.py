@@ -1,0 +1,91 @@
+"""Grant constraints: what operators may write, and what a call must satisfy."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.constraints import check, constraint_errors, host_allowed
+
+SCHEMA = {"properties": {"amount": {}, "url": {}, "to": {}, "currency": {}, "note": {}}}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "constraints", "problem"),
+    [
+        ({"amount": 100}, {"amount": {"max": 100}}, None),
+        ({"amount": 100.5}, {"amount": {"max": 100}}, "amount is 100.5; the most allowed is 100"),
+        ({"amount": -1}, {"amount": {"min": 0}}, "amount is -1; the least allowed is 0"),
+        ({"currency": "EUR"}, {"currency": {"one_of": ["EUR", "USD"]}}, None),
+        ({"currency": "BTC"}, {"currency": {"one_of": ["EUR", "USD"]}}, "must be one of EUR, USD"),
+        ({"note": "ab-12"}, {"note": {"pattern": r"[a-z]+-\d+"}}, None),
+        ({"note": "ab-12x"}, {"note": {"pattern": r"[a-z]+-\d+"}}, "does not match"),
+        ({"note": "abcd"}, {"note": {"max_length": 3}}, "note is 4 characters"),
+        ({"url": "https://docs.example.com/a"}, {"url": {"hosts": ["docs.example.com"]}}, None),
+        ({"url": "https://a.b.example.org/"}, {"url": {"hosts": ["*.example.org"]}}, None),
+        ({"url": "https://example.org/"}, {"url": {"hosts": ["*.example.org"]}}, "not allowed"),
+        ({"url": "https://evil.com/"}, {"url": {"hosts": ["example.com"]}}, "'evil.com' is not"),
+        (
+            {"url": "https://example.com.evil.com/"},
+            {"url": {"hosts": ["example.com"]}},
+            "not allowed",
+        ),
+        ({"url": "ftp://example.com/"}, {"url": {"hosts": ["example.com"]}}, "http or https"),
+        (
+            {"to": ["a@example.com", "b@example.com"]},
+            {"to": {"email_domains": ["example.com"]}},
+            None,
+        ),
+        (
+            {"to": ["a@example.com", "b@elsewhere.net"]},
+            {"to": {"email_domains": ["example.com"]}},
+            "'b@elsewhere.net' is not at an allowed domain",
+        ),
+        ({"to": ["a@x.com"] * 3}, {"to": {"max_length": 2}}, "to has 3 items"),
+        ({}, {"amount": {"max": 1}}, None),  # absent optional argument
+        ({"amount": True}, {"amount": {"max": 0}}, None),  # booleans are not amounts
+    ],
+)
+def test_check(arguments, constraints, problem):
+    result = check(arguments, constraints)
+    if problem is None:
+        assert result is None
+    else:
+        assert result is not None and problem in result
+
+
+@pytest.mark.parametrize(
+    ("constraints", "message"),
+    [
+        ({"amount": {"max": "100"}}, "amount.max: a number."),
+        ({"amount": {"maximum": 1}}, "amount.maximum: unknown rule"),
+        ({"amont": {"max": 1}}, "'amont' is not an argument of this tool"),
+        ({"amount": {}}, "amount: rules are a non-empty JSON object."),
+        ({"note": {"pattern": "(["}}, "note.pattern: not a valid regular expression"),
+        ({"url": {"hosts": []}}, "url.hosts: a non-empty list of host names."),
+        ({"currency": {"one_of": "EUR"}}, "currency.one_of: a non-empty list"),
+        ({"note": {"max_length": -1}}, "note.max_length: a whole number"),
+        ([1], "Constraints are a JSON object"),
+    ],
+)
+def test_constraint_errors_name_the_problem(constraints, message):
+    problems = constraint_errors(constraints, SCHEMA)
+    assert any(message in p for p in problems), problems
+
+
+def test_valid_constraints_have_no_errors():
+    assert constraint_errors({}, SCHEMA) == []
+    assert constraint_errors(None, SCHEMA) == []
+    assert (
+        constraint_errors(
+            {"amount": {"min": 0, "max": 50}, "url": {"hosts": ["*.example.com"]}}, SCHEMA
+        )
+        == []
+    )
+
+
+def test_host_matching_is_exact_or_a_true_subdomain():
+    assert host_allowed("API.Example.com.", ["api.example.com"])
+    assert host_allowed("x.example.com", ["*.example.com"])
+    assert not host_allowed("example.com", ["*.example.com"])
+    assert not host_allowed("badexample.com", ["*.example.com"])
+    assert not host_allowed("", ["*.example.com"])

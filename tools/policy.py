@@ -1,0 +1,132 @@
+"""Whether a run may make a tool call, and how: the engine asks here, never the model.
+
+A call is allowed only if the agent holds a grant for the tool both in the version the run
+pinned and now (an operator's revocation, disabling or narrowing takes effect on runs already
+in flight; a grant added later does not widen them), the tool is enabled and installed, the
+arguments validate against the tool's schema, and they satisfy the constraints of both grants.
+The stricter mode of the two grants wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import breaker
+from .constraints import check
+from .models import Tool, ToolGrant
+from .registry import ToolArgumentsInvalid, ToolSpec, registry
+
+if TYPE_CHECKING:
+    from agents.models import AgentVersion, Run
+
+
+@dataclass
+class Authorization:
+    """The verdict on one call. ``refusal`` (the model may correct it) and ``unavailable`` (the
+    tool's circuit is open) are messages for the model; both empty means the call may go ahead,
+    after a reviewer's approval when ``mode`` is ``require_approval``."""
+
+    spec: ToolSpec | None = None
+    refusal: str = ""
+    unavailable: str = ""
+    mode: str = ToolGrant.Mode.ALLOW
+    constraints: list[dict[str, Any]] = field(default_factory=list)
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return not (self.refusal or self.unavailable)
+
+    @property
+    def merged_constraints(self) -> dict[str, Any]:
+        """Both grants' rules for the tool itself to re-apply (e.g. http_get on a redirect); where
+        both constrain one argument, the live grant's rules are layered over the version's."""
+        merged: dict[str, Any] = {}
+        for rules in self.constraints:
+            for argument, argument_rules in rules.items():
+                merged.setdefault(argument, {}).update(argument_rules)
+        return merged
+
+
+def version_grants(version: AgentVersion) -> dict[str, dict[str, Any]]:
+    """The grants a version froze; versions from before grants existed allowed their ``tools``."""
+    if version.grants:
+        return dict(version.grants)
+    return {name: {"mode": ToolGrant.Mode.ALLOW, "constraints": {}} for name in version.tools}
+
+
+def live_grants(agent_id: int) -> dict[str, ToolGrant]:
+    return {
+        g.tool.name: g for g in ToolGrant.objects.filter(agent_id=agent_id).select_related("tool")
+    }
+
+
+def offered_tools(run: Run) -> list[ToolSpec]:
+    """The tools shown to the model: granted (then and now), enabled and installed."""
+    frozen = version_grants(run.agent_version)
+    live = live_grants(run.agent_id)
+    specs = []
+    for name in sorted(frozen):
+        grant = live.get(name)
+        spec = registry.get(name)
+        if grant is not None and grant.tool.enabled and grant.tool.available and spec:
+            specs.append(spec)
+    return specs
+
+
+def authorize(
+    run: Run,
+    name: str,
+    arguments: Any,
+    *,
+    arguments_error: str = "",
+    live: dict[str, ToolGrant] | None = None,
+) -> Authorization:
+    """Decide one tool call of ``run``. Nothing here executes the tool."""
+    frozen = version_grants(run.agent_version).get(name)
+    grant = (live if live is not None else live_grants(run.agent_id)).get(name)
+    if frozen is None or grant is None:
+        return Authorization(refusal=f"tool {name!r} is not available to this agent")
+    tool: Tool = grant.tool
+    spec = registry.get(name)
+    if not tool.enabled:
+        return Authorization(spec=spec, refusal=f"tool {name!r} is disabled by an operator")
+    if spec is None or not tool.available:
+        return Authorization(refusal=f"tool {name!r} is not installed on this server")
+    if arguments_error:
+        return Authorization(spec=spec, refusal=f"{arguments_error} for {name}")
+    try:
+        validated = spec.validate(arguments).model_dump(mode="json")
+    except ToolArgumentsInvalid as exc:
+        return Authorization(spec=spec, refusal=str(exc))
+    rule_sets = [frozen.get("constraints") or {}, grant.constraints or {}]
+    for rules in rule_sets:
+        problem = check(validated, rules)
+        if problem:
+            return Authorization(
+                spec=spec, refusal=f"arguments for {name} break the agent's grant: {problem}"
+            )
+    modes = {frozen.get("mode"), grant.mode}
+    mode = (
+        ToolGrant.Mode.REQUIRE_APPROVAL
+        if ToolGrant.Mode.REQUIRE_APPROVAL in modes
+        else ToolGrant.Mode.ALLOW
+    )
+    verdict = Authorization(
+        spec=spec,
+        mode=mode,
+        constraints=[r for r in rule_sets if r],
+        arguments=arguments if isinstance(arguments, dict) else {},
+    )
+    state = breaker.status(name)
+    if state.state == "open":
+        verdict.unavailable = unavailable_message(name, state.retry_in)
+    return verdict
+
+
+def unavailable_message(name: str, retry_in: float) -> str:
+    return (
+        f"tool {name!r} is temporarily unavailable after repeated failures (circuit open); "
+        f"it may be tried again in about {max(1, round(retry_in))} s"
+    )
