@@ -48,6 +48,17 @@ class ToolSerializer(serializers.Serializer):
     )
 
 
+class PendingApprovalSerializer(serializers.Serializer):
+    """The oldest action of a run waiting for a human reviewer, and how many are waiting."""
+
+    id = serializers.UUIDField()
+    reason = serializers.CharField()
+    tool = serializers.CharField(help_text="The tool whose call waits; empty for other reasons.")
+    step_index = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    count = serializers.IntegerField()
+
+
 class AgentSerializer(serializers.ModelSerializer):
     version = serializers.IntegerField(source="current_version.number")
     model_route = serializers.CharField(source="current_version.model_route")
@@ -204,9 +215,25 @@ class RunSerializer(serializers.ModelSerializer):
             "attempts": run.webhook_attempts,
         }
 
-    @extend_schema_field({"type": "object", "additionalProperties": {}, "nullable": True})
-    def get_pending_approval(self, run: Run) -> None:
-        return None  # the review queue (approvals) fills this in
+    @extend_schema_field(PendingApprovalSerializer(allow_null=True))
+    def get_pending_approval(self, run: Run) -> dict[str, Any] | None:
+        if run.status != Run.Status.WAITING_APPROVAL:
+            return None
+        from approvals.models import Approval
+
+        waiting = Approval.objects.filter(run=run, status=Approval.Status.PENDING)
+        pending = list(waiting.order_by("created_at")[:50])
+        if not pending:
+            return None
+        first = pending[0]
+        return {
+            "id": str(first.pk),
+            "reason": first.reason,
+            "tool": first.tool_name,
+            "step_index": first.step_index,
+            "created_at": first.created_at,
+            "count": len(pending),
+        }
 
     @extend_schema_field(LinksSerializer)
     def get_links(self, run: Run) -> dict[str, str]:

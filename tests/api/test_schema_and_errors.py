@@ -13,7 +13,9 @@ from rest_framework.test import APIClient
 
 from agents.models import Agent, Run
 from agents.services import save_agent
+from approvals.models import Approval
 from tests.api.conftest import assert_error
+from tests.conftest import drive
 
 pytestmark = pytest.mark.django_db
 
@@ -122,6 +124,29 @@ def test_the_run_schema_allows_a_null_pending_approval(schema, client_a, agent):
         schema["components"]["schemas"]["Run"]["properties"]["pending_approval"].get("nullable")
         is True
     )
+
+
+def test_a_run_waiting_for_a_reviewer_shows_its_pending_approval(schema, client_a, make_agent):
+    make_agent(
+        slug="asker",
+        grants={"calculator": "require_approval"},
+        script=[
+            {"tool_calls": [{"name": "calculator", "arguments": {"expression": "1+1"}}]},
+            {"text": "{tool_results}"},
+        ],
+    )
+    response = client_a.post("/api/v1/runs/", {"agent": "asker", "input": "x"}, format="json")
+    run_id = response.json()["id"]
+    drive(run_id)
+
+    body = client_a.get(f"/api/v1/runs/{run_id}/").json()
+    assert body["status"] == "waiting_approval"
+    pending = body["pending_approval"]
+    assert pending["reason"] == "tool_requires_approval" and pending["tool"] == "calculator"
+    assert pending["step_index"] == 1 and pending["count"] == 1
+    assert pending["id"] == str(Approval.objects.get(run_id=run_id).pk)
+    declared = schema["components"]["schemas"]["PendingApproval"]["properties"]
+    assert set(pending) == set(declared)
 
 
 def test_the_schema_is_also_served_as_yaml(db):

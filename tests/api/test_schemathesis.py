@@ -48,10 +48,6 @@ EXAMPLES = settings(
         HealthCheck.filter_too_much,
     ],
 )
-PENDING_APPROVAL_BUG = (
-    "BUG: Run.pending_approval is always null but the schema declares a non-nullable object "
-    "(agents/serializers.py RunSerializer.get_pending_approval: @extend_schema_field(OBJECT))"
-)
 
 
 def generated_schema() -> dict[str, Any]:
