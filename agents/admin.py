@@ -9,7 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from tools.models import Tool, ToolGrant
+from tools.models import ToolGrant
 
 from . import services
 from .exceptions import RunAlreadyFinished
@@ -93,6 +93,9 @@ class ToolGrantForm(forms.ModelForm):
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         tool = cleaned.get("tool")
+        if tool is not None and not tool.available and "tool" in self.changed_data:
+            # Existing grants of a tool whose code is gone stay editable (and removable).
+            self.add_error("tool", f"{tool.name} is not installed on this server.")
         if not cleaned.get("mode") and tool is not None:
             cleaned["mode"] = tool.default_mode
             self.instance.mode = tool.default_mode
@@ -107,11 +110,6 @@ class ToolGrantInline(admin.TabularInline):
     extra = 0
     verbose_name = "tool grant"
     verbose_name_plural = "Tool grants (no grant, no call)"
-
-    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
-        if db_field.name == "tool":
-            kwargs["queryset"] = Tool.objects.filter(available=True)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
 
 @admin.register(Agent)

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from tools.registry import registry
@@ -26,14 +27,26 @@ logger = logging.getLogger(__name__)
 def reconcile_stalled_runs(*, limit: int = 500) -> int:
     """Nudge active runs with no progress for ``AGENTSITE_STALLED_AFTER`` seconds.
 
+    A run waiting for a reviewer is not advanced, but its calls that are not held (allowed, or
+    already approved) are re-sent if their message was lost or their worker died.
+
     Safe to run anywhere and concurrently: a nudge is idempotent. Runs whose current step is held
     by a live worker (unexpired lease) are left alone. Returns the number of runs nudged.
     """
     now = timezone.now()
     cutoff = now - timedelta(seconds=settings.AGENTSITE_STALLED_AFTER)
     stalled = list(
-        Run.objects.filter(
-            status__in=(Run.Status.QUEUED, Run.Status.RUNNING), updated_at__lt=cutoff
+        Run.objects.filter(updated_at__lt=cutoff)
+        .filter(
+            Q(status__in=(Run.Status.QUEUED, Run.Status.RUNNING))
+            # Waiting for a reviewer: only if it has calls that are not held (else the many
+            # runs that just wait would crowd real stalls out of the batch).
+            | Q(status=Run.Status.WAITING_APPROVAL)
+            & Exists(
+                Step.objects.filter(
+                    run=OuterRef("pk"), status__in=(Step.Status.PENDING, Step.Status.RUNNING)
+                )
+            )
         )
         .order_by("updated_at")
         .values_list("pk", flat=True)[:limit]
@@ -62,10 +75,12 @@ def reconcile_stalled_runs(*, limit: int = 500) -> int:
             if run.status == Run.Status.QUEUED and blocked_by_session(run):
                 continue  # its session's earlier run nudges it when that one ends
             tool_steps = [s for s in open_steps if s.kind == Step.Kind.TOOL]
+            if run.status == Run.Status.WAITING_APPROVAL and not tool_steps:
+                continue  # only a reviewer moves it on; calls not held are re-sent below
             for step in tool_steps:
                 spec = registry.get(step.tool_name)
                 tool_call_on_commit(run_id, step.index, timeout=spec.timeout if spec else 30)
-            if not tool_steps:
+            if not tool_steps and run.status != Run.Status.WAITING_APPROVAL:
                 advance_run_on_commit(run_id)
             Run.objects.filter(pk=run_id).update(updated_at=now)
             audit.record(

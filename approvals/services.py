@@ -139,11 +139,13 @@ def decide(
             Approval.objects.filter(pk=approval.pk).update(
                 status=Approval.Status.REJECTED, decided_by=user, decided_at=now, comment=comment
             )
-            Step.objects.filter(pk=step.pk, status=Step.Status.AWAITING_APPROVAL).update(
+            held = Step.objects.filter(pk=step.pk, status=Step.Status.AWAITING_APPROVAL).update(
                 status=Step.Status.REFUSED,
                 error=f"a human reviewer rejected this call: {comment}",
                 finished_at=now,
             )
+            if not held:
+                raise DecisionError(f"the call is no longer waiting for review ({step.status})")
             audit.record(
                 "approval.rejected",
                 run=run,
@@ -159,6 +161,18 @@ def decide(
                     verdict.refusal, field="arguments" if decision == "edit" else None
                 )
             assert verdict.spec is not None
+            request = {"arguments": final, "approval": str(approval.pk)}
+            if decision == "edit":
+                request["proposed_arguments"] = approval.proposed_arguments
+            held = Step.objects.filter(pk=step.pk, status=Step.Status.AWAITING_APPROVAL).update(
+                status=Step.Status.PENDING, request=request
+            )
+            if not held:
+                raise DecisionError(f"the call is no longer waiting for review ({step.status})")
+            # The digest of the arguments as stored (jsonb may normalise numbers): exactly what
+            # the executor will read back and check.
+            step.refresh_from_db(fields=["request"])
+            final = step.request["arguments"]
             digest = action_digest(step.tool_name, final)
             Approval.objects.filter(pk=approval.pk).update(
                 status=Approval.Status.APPROVED,
@@ -167,12 +181,6 @@ def decide(
                 decided_by=user,
                 decided_at=now,
                 comment=comment,
-            )
-            request = {"arguments": final, "approval": str(approval.pk)}
-            if decision == "edit":
-                request["proposed_arguments"] = approval.proposed_arguments
-            Step.objects.filter(pk=step.pk, status=Step.Status.AWAITING_APPROVAL).update(
-                status=Step.Status.PENDING, request=request
             )
             audit.record(
                 "approval.approved",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +27,21 @@ RULES = ("min", "max", "one_of", "pattern", "max_length", "hosts", "email_domain
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def _schema_types(prop: Mapping[str, Any]) -> set[str]:
+    types: set[str] = set()
+    for option in [prop, *prop.get("anyOf", []), *prop.get("oneOf", [])]:
+        kind = option.get("type") if isinstance(option, Mapping) else None
+        if isinstance(kind, str):
+            types.add(kind)
+        elif isinstance(kind, list):
+            types.update(k for k in kind if isinstance(k, str))
+        items = option.get("items") if isinstance(option, Mapping) else None
+        if isinstance(items, Mapping):  # a rule on a list applies to its elements
+            types |= _schema_types(items)
+    return types
 
 
 def constraint_errors(constraints: Any, parameters_schema: Mapping[str, Any]) -> list[str]:
@@ -35,7 +50,8 @@ def constraint_errors(constraints: Any, parameters_schema: Mapping[str, Any]) ->
         return []
     if not isinstance(constraints, dict):
         return ['Constraints are a JSON object: {"argument": {"rule": value}}.']
-    known = set((parameters_schema or {}).get("properties", {}))
+    properties = (parameters_schema or {}).get("properties", {})
+    known = set(properties)
     problems: list[str] = []
     for argument, rules in constraints.items():
         if known and argument not in known:
@@ -49,6 +65,9 @@ def constraint_errors(constraints: Any, parameters_schema: Mapping[str, Any]) ->
             continue
         for rule, value in rules.items():
             problems.extend(_rule_errors(argument, rule, value))
+            types = _schema_types(properties.get(argument) or {})
+            if rule in ("min", "max") and types and not types & {"number", "integer"}:
+                problems.append(f"{argument}.{rule}: {argument} is not a number.")
     return problems
 
 
@@ -103,9 +122,14 @@ def url_host(url: str) -> str | None:
 
 
 def _check_value(argument: str, rule: str, limit: Any, value: Any) -> str | None:
-    if rule == "min" and _is_number(value) and value < limit:
+    if rule in ("min", "max") and not _is_number(value):
+        # A rule the value cannot be checked against refuses the call; it never waves it by.
+        return f"{argument} must be a number for the grant's {rule} of {limit}"
+    if rule in ("pattern", "hosts", "email_domains") and not isinstance(value, str):
+        value = str(value)  # e.g. a URL or address type of the tool's args model
+    if rule == "min" and value < limit:
         return f"{argument} is {value}; the least allowed is {limit}"
-    if rule == "max" and _is_number(value) and value > limit:
+    if rule == "max" and value > limit:
         return f"{argument} is {value}; the most allowed is {limit}"
     if rule == "one_of" and value not in limit:
         return f"{argument} must be one of {', '.join(map(str, limit))}"

@@ -125,9 +125,11 @@ def _recipient_problem(args: SendEmailArgs, constraints: dict[str, Any]) -> str 
     requires_approval=True,
 )
 def send_email(args: SendEmailArgs, ctx: ToolContext) -> dict[str, Any]:
-    problem = _recipient_problem(args, dict(ctx.constraints or {}))
-    if problem:
-        raise ToolArgumentsInvalid(problem)
+    # Every grant that applies (the run's version and the current one) must allow the mail.
+    for constraints in ctx.all_constraint_sets():
+        problem = _recipient_problem(args, dict(constraints or {}))
+        if problem:
+            raise ToolArgumentsInvalid(problem)
     payload = {"to": args.to, "cc": args.cc, "subject": args.subject, "body": args.body}
     message, created = record(
         ctx, kind="email", destination=", ".join(args.to)[:500], payload=payload

@@ -93,15 +93,19 @@ class HttpGetArgs(BaseModel):
         return value
 
 
-def _allowed_hosts(ctx: ToolContext) -> list[str]:
-    rules = ctx.constraints.get("url") if isinstance(ctx.constraints, Mapping) else None
-    hosts = rules.get("hosts") if isinstance(rules, Mapping) else None
-    if not isinstance(hosts, list | tuple) or not hosts:
-        raise ToolError(
-            "http_get needs a hosts allowlist on its grant (constraints "
-            '{"url": {"hosts": [...]}}); ask the operator to add one'
-        )
-    return [str(h) for h in hosts]
+def _allowed_hosts(ctx: ToolContext) -> list[list[str]]:
+    """The hosts allowlist of every grant that applies; a host must be on each of them."""
+    allowlists = []
+    for constraints in ctx.all_constraint_sets():
+        rules = constraints.get("url") if isinstance(constraints, Mapping) else None
+        hosts = rules.get("hosts") if isinstance(rules, Mapping) else None
+        if not isinstance(hosts, list | tuple) or not hosts:
+            raise ToolError(
+                "http_get needs a hosts allowlist on its grant (constraints "
+                '{"url": {"hosts": [...]}}); ask the operator to add one'
+            )
+        allowlists.append([str(h) for h in hosts])
+    return allowlists
 
 
 def _same_host_redirect(current: str, location: str) -> str:
@@ -188,10 +192,11 @@ def http_get(args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
     if problem:
         raise ToolError(f"cannot fetch {_display(url)}: {problem}")
     host = url_host(url) or ""
-    if not host_allowed(host, allowed):
-        raise ToolError(
-            f"host {host!r} is not allowed for this agent (allowed: {', '.join(allowed)})"
-        )
+    for hosts in allowed:
+        if not host_allowed(host, hosts):
+            raise ToolError(
+                f"host {host!r} is not allowed for this agent (allowed: {', '.join(hosts)})"
+            )
     server_limit = settings.AGENTSITE_HTTP_GET_MAX_BYTES
     limit = min(args.max_bytes or server_limit, server_limit)
     max_redirects = settings.AGENTSITE_HTTP_GET_MAX_REDIRECTS
@@ -222,7 +227,7 @@ def http_get(args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
                         # Host, scheme and credentials are checked before anything is sent;
                         # the same host is allowed, but check the grant again all the same.
                         url = _same_host_redirect(url, location)
-                        if not host_allowed(url_host(url) or "", allowed):
+                        if not all(host_allowed(url_host(url) or "", h) for h in allowed):
                             raise ToolError(f"{_display(url)}: host not allowed for this agent")
                         redirects += 1
                         continue

@@ -9,6 +9,7 @@ acknowledgement), the key is unique, so the side effect is recorded exactly once
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from django.db import IntegrityError, transaction
 
@@ -16,7 +17,7 @@ from agents.dispatch import outbox_relay_on_commit
 from agents.models import Run
 
 from .models import OutboxMessage
-from .registry import ToolContext
+from .registry import ToolContext, ToolError
 
 
 def record(
@@ -30,16 +31,24 @@ def record(
     found = OutboxMessage.objects.filter(idempotency_key=ctx.idempotency_key).first()
     if found is not None:
         return found, False
-    run_id = ctx.run_id if Run.objects.filter(pk=ctx.run_id).exists() else None
     try:
         with transaction.atomic():
+            # Under the run's lock: a run cancelled while this call was under way records
+            # nothing (its step is already cancelled, and the cancel waits for this insert).
+            run = (
+                Run.objects.select_for_update().filter(pk=ctx.run_id).first()
+                if _is_uuid(ctx.run_id)
+                else None
+            )
+            if run is not None and run.is_final:
+                raise ToolError(f"the run is {run.status}; the side effect was not recorded")
             message = OutboxMessage.objects.create(
                 idempotency_key=ctx.idempotency_key,
                 tool=ctx.tool,
                 kind=kind,
                 destination=destination,
                 payload=payload,
-                run_id=run_id,
+                run=run,
                 step_index=ctx.step_index,
             )
     except IntegrityError:
@@ -47,3 +56,11 @@ def record(
         return OutboxMessage.objects.get(idempotency_key=ctx.idempotency_key), False
     outbox_relay_on_commit()
     return message, True
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        UUID(str(value))
+    except ValueError:
+        return False
+    return True

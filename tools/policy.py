@@ -9,7 +9,7 @@ The stricter mode of the two grants wins.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import breaker
@@ -31,22 +31,12 @@ class Authorization:
     refusal: str = ""
     unavailable: str = ""
     mode: str = ToolGrant.Mode.ALLOW
-    constraints: list[dict[str, Any]] = field(default_factory=list)
-    arguments: dict[str, Any] = field(default_factory=dict)
+    # The rule sets of the version's grant and of the current grant; a value must pass both.
+    constraint_sets: tuple[dict[str, Any], ...] = ()
 
     @property
     def allowed(self) -> bool:
         return not (self.refusal or self.unavailable)
-
-    @property
-    def merged_constraints(self) -> dict[str, Any]:
-        """Both grants' rules for the tool itself to re-apply (e.g. http_get on a redirect); where
-        both constrain one argument, the live grant's rules are layered over the version's."""
-        merged: dict[str, Any] = {}
-        for rules in self.constraints:
-            for argument, argument_rules in rules.items():
-                merged.setdefault(argument, {}).update(argument_rules)
-        return merged
 
 
 def version_grants(version: AgentVersion) -> dict[str, dict[str, Any]]:
@@ -70,7 +60,7 @@ def offered_tools(run: Run) -> list[ToolSpec]:
     for name in sorted(frozen):
         grant = live.get(name)
         spec = registry.get(name)
-        if grant is not None and grant.tool.enabled and grant.tool.available and spec:
+        if grant is not None and grant.tool.enabled and spec is not None:
             specs.append(spec)
     return specs
 
@@ -92,15 +82,20 @@ def authorize(
     spec = registry.get(name)
     if not tool.enabled:
         return Authorization(spec=spec, refusal=f"tool {name!r} is disabled by an operator")
-    if spec is None or not tool.available:
+    # Whether the code is installed is this process's registry's to say (the catalogue's
+    # ``available`` reflects the process that last synced it, which may differ).
+    if spec is None:
         return Authorization(refusal=f"tool {name!r} is not installed on this server")
     if arguments_error:
         return Authorization(spec=spec, refusal=f"{arguments_error} for {name}")
     try:
-        validated = spec.validate(arguments).model_dump(mode="json")
+        # By alias: the names the model (and the operator writing constraints) sees in the
+        # schema. Python mode keeps Decimal and other numbers numeric for min/max. Defaults are
+        # included: they are what the tool will run with.
+        validated = spec.validate(arguments).model_dump(by_alias=True)
     except ToolArgumentsInvalid as exc:
         return Authorization(spec=spec, refusal=str(exc))
-    rule_sets = [frozen.get("constraints") or {}, grant.constraints or {}]
+    rule_sets = (dict(frozen.get("constraints") or {}), dict(grant.constraints or {}))
     for rules in rule_sets:
         problem = check(validated, rules)
         if problem:
@@ -113,12 +108,7 @@ def authorize(
         if ToolGrant.Mode.REQUIRE_APPROVAL in modes
         else ToolGrant.Mode.ALLOW
     )
-    verdict = Authorization(
-        spec=spec,
-        mode=mode,
-        constraints=[r for r in rule_sets if r],
-        arguments=arguments if isinstance(arguments, dict) else {},
-    )
+    verdict = Authorization(spec=spec, mode=mode, constraint_sets=rule_sets)
     state = breaker.status(name)
     if state.state == "open":
         verdict.unavailable = unavailable_message(name, state.retry_in)

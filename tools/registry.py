@@ -44,9 +44,15 @@ class ToolContext:
     idempotency_key: str
     attempt: int
     tool: str = ""
-    # The grant's argument constraints (already checked); a tool may apply them again where a
-    # value is only known during the call (e.g. the host a redirect points at).
+    # The argument constraints of the agent's grant (already checked against the arguments).
     constraints: Mapping[str, Any] = field(default_factory=dict)
+    # Every rule set that applies (the version's grant and the current one): a tool that
+    # re-applies constraints during the call (e.g. to the host a redirect points at) must
+    # require all of them to pass. Empty means just ``constraints``.
+    constraint_sets: tuple[Mapping[str, Any], ...] = ()
+
+    def all_constraint_sets(self) -> tuple[Mapping[str, Any], ...]:
+        return self.constraint_sets or (self.constraints,)
 
 
 @dataclass(frozen=True)

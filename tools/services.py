@@ -47,8 +47,8 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         if run is None:
             return None
         step = Step.objects.filter(run=run, index=step_index, kind=Step.Kind.TOOL).first()
-        if step is None or step.status in Step.DONE_STATUSES:
-            return None
+        if step is None or step.status not in (Step.Status.PENDING, Step.Status.RUNNING):
+            return None  # done, or held for a reviewer: a stray message must not run it
         if run.is_final:
             Step.objects.filter(pk=step.pk, status=Step.Status.PENDING).update(
                 status=Step.Status.CANCELLED, finished_at=timezone.now()
@@ -166,7 +166,8 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
         idempotency_key=step.idempotency_key,
         attempt=step.attempts,
         tool=spec.name,
-        constraints=verdict.merged_constraints,
+        constraints=verdict.constraint_sets[-1],
+        constraint_sets=verdict.constraint_sets,
     )
     started = time.monotonic()
     transient: Exception | None = None

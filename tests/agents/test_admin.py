@@ -300,8 +300,22 @@ def test_an_unavailable_tool_cannot_be_granted_in_the_admin(admin_client):
     response = admin_client.post("/admin/agents/agent/add/", data)
     assert response.status_code == 200
     errors = str(response.context["inline_admin_formsets"][0].formset.errors)
-    assert "Select a valid choice" in errors
+    assert "retired_tool is not installed on this server" in errors
     assert not Agent.objects.filter(slug="retired").exists()
+
+
+def test_an_agent_with_a_grant_of_a_tool_gone_since_can_still_be_edited(admin_client, make_agent):
+    agent = make_agent(slug="keeper", tools=["calculator"], script=SCRIPT)
+    Tool.objects.filter(name="calculator").update(available=False)
+    url = f"/admin/agents/agent/{agent.pk}/change/"
+    data = form_data(admin_client.get(url))
+    data.update(system_prompt="Still editable.", _save="Save")
+
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    agent.refresh_from_db()
+    assert agent.current_version.system_prompt == "Still editable."
+    assert agent.current_version.tools == ["calculator"]
 
 
 def test_invalid_json_in_an_agent_field_is_a_form_error(admin_client, make_agent):

@@ -42,7 +42,8 @@ SCHEMA = {"properties": {"amount": {}, "url": {}, "to": {}, "currency": {}, "not
         ),
         ({"to": ["a@x.com"] * 3}, {"to": {"max_length": 2}}, "to has 3 items"),
         ({}, {"amount": {"max": 1}}, None),  # absent optional argument
-        ({"amount": True}, {"amount": {"max": 0}}, None),  # booleans are not amounts
+        ({"amount": True}, {"amount": {"max": 5}}, "amount must be a number"),
+        ({"amount": "7"}, {"amount": {"max": 5}}, "amount must be a number"),
     ],
 )
 def test_check(arguments, constraints, problem):

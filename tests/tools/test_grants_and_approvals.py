@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from pydantic import BaseModel, Field
 
+from agents import engine
 from agents.models import AuditEvent, Run, Step
 from agents.services import cancel_run, save_agent, submit_run
 from approvals.models import Approval
 from approvals.services import AlreadyDecided, DecisionError, decide
 from tests.conftest import drive
-from tools import breaker
-from tools.models import Tool, ToolGrant
-from tools.registry import registry
+from tools import breaker, policy
+from tools.models import OutboxMessage, Tool, ToolGrant
+from tools.registry import ToolSpec, registry
+from tools.services import execute_tool_call
 
 CALC = [
     {"tool_calls": [{"name": "calculator", "arguments": {"expression": "{input}"}}]},
@@ -334,3 +338,123 @@ def test_cancelling_a_waiting_run_cancels_its_approval(make_agent, admin_user):
     assert "approval.cancelled" in actions(run)
     with pytest.raises(AlreadyDecided):
         decide(approval.pk, decision="approve", user=admin_user)
+
+
+# --- edges found in review -------------------------------------------------------------------
+
+
+def test_a_stray_message_never_runs_a_held_call(make_agent, admin_user):
+    agent = approval_agent(make_agent)
+    run = drive(submit_run(agent=agent, input="6*7").pk)
+    # The operator relaxes the grant meanwhile; a duplicate task arrives for the held step.
+    ToolGrant.objects.filter(agent=agent).update(mode="allow")
+    execute_tool_call(run_id=run.pk, step_index=1)
+
+    step = tool_step(run)
+    assert step.status == Step.Status.AWAITING_APPROVAL and step.attempts == 0
+    decide(Approval.objects.get(run=run).pk, decision="approve", user=admin_user)
+    run = drive(run.pk)
+    assert run.status == Run.Status.SUCCEEDED and tool_step(run).response["result"] == 42
+
+
+class PayArgs(BaseModel):
+    amount: Decimal
+    from_: str = Field(alias="from")
+
+
+@pytest.fixture
+def pay_tool(db):
+    spec = ToolSpec(
+        name="pay_test", description="Pay.", args_model=PayArgs, func=lambda a, c: {"ok": True}
+    )
+    registry.register(spec)
+    yield spec
+    registry._tools.pop("pay_test")
+
+
+def test_constraints_hold_for_decimal_and_aliased_arguments(make_agent, pay_tool):
+    agent = make_agent(
+        grants={"pay_test": {"constraints": {"amount": {"max": 100}, "from": {"one_of": ["ops"]}}}}
+    )
+    run = submit_run(agent=agent, input="pay")
+
+    verdict = policy.authorize(run, "pay_test", {"amount": "1000000", "from": "ops"})
+    assert "amount is 1000000; the most allowed is 100" in verdict.refusal
+    verdict = policy.authorize(run, "pay_test", {"amount": "5", "from": "mallory"})
+    assert "from must be one of ops" in verdict.refusal
+    assert policy.authorize(run, "pay_test", {"amount": "99.5", "from": "ops"}).allowed
+
+
+def test_a_numeric_rule_on_a_text_argument_is_refused_when_granting(make_agent, pay_tool):
+    from django.core.exceptions import ValidationError
+
+    agent = make_agent(tools=[])
+    with pytest.raises(ValidationError, match="from is not a number"):
+        save_agent(agent=agent, grants={"pay_test": {"constraints": {"from": {"max": 3}}}})
+
+
+def test_a_run_in_flight_is_held_to_its_versions_constraints_inside_the_tool(make_agent):
+    from tools.email import SendEmailArgs, send_email
+    from tools.registry import ToolArgumentsInvalid, ToolContext
+
+    ctx = ToolContext(
+        run_id="r",
+        step_index=1,
+        idempotency_key="r:1:widened",
+        attempt=1,
+        tool="send_email",
+        constraints={"to": {"email_domains": ["a.com", "b.com"]}},
+        constraint_sets=(
+            {"to": {"email_domains": ["a.com"]}},
+            {"to": {"email_domains": ["a.com", "b.com"]}},
+        ),
+    )
+    args = SendEmailArgs(to=["x@a.com"], cc=["y@b.com"], subject="Hi", body="Hello")
+    with pytest.raises(ToolArgumentsInvalid, match="b.com"):
+        send_email(args, ctx)
+
+
+def test_nothing_is_recorded_in_the_outbox_for_a_finished_run(make_agent):
+    from tools import outbox
+    from tools.registry import ToolContext, ToolError
+
+    agent = make_agent(script=CALC)
+    run = submit_run(agent=agent, input="1")
+    cancel_run(run_id=run.pk)
+    ctx = ToolContext(
+        run_id=str(run.pk), step_index=1, idempotency_key=f"{run.pk}:1", attempt=1, tool="t"
+    )
+    with pytest.raises(ToolError, match="the run is cancelled"):
+        outbox.record(ctx, kind="email", payload={})
+    assert not OutboxMessage.objects.exists()
+
+
+def test_the_reconciler_resends_calls_that_are_not_held_in_a_waiting_run(
+    make_agent, admin_user, settings
+):
+    from agents.reconciler import reconcile_stalled_runs
+
+    settings.AGENTSITE_STALLED_AFTER = 0
+    script = [
+        {
+            "tool_calls": [
+                {"name": "calculator", "arguments": {"expression": "1+1"}},
+                {"name": "knowledge_search", "arguments": {"query": "refund"}},
+            ]
+        },
+        {"text": "{tool_results}"},
+    ]
+    agent = make_agent(
+        grants={"calculator": "allow", "knowledge_search": "require_approval"}, script=script
+    )
+    run = submit_run(agent=agent, input="go")
+    engine.advance(run.pk)  # the model turn; the allowed call's message is then "lost"
+    run.refresh_from_db()
+    assert run.status == Run.Status.WAITING_APPROVAL
+
+    assert reconcile_stalled_runs() == 1
+    nudge = AuditEvent.objects.get(run=run, action="run.nudged")
+    assert nudge.payload == {"tool_steps": [1]}
+
+    execute_tool_call(run_id=run.pk, step_index=1)
+    assert reconcile_stalled_runs() == 0  # only the reviewer's decision moves it now
