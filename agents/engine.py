@@ -38,6 +38,7 @@ from .providers import (
     ModelRequest,
     ModelResponse,
     ProviderError,
+    ToolCallRequest,
     TransientProviderError,
     resolve_route,
 )
@@ -45,6 +46,8 @@ from .providers import (
 logger = logging.getLogger(__name__)
 
 SESSION_HISTORY_RUNS = 20
+# The built-in tool a model calls to ask a human; it is always held for a reviewer.
+ESCALATE_TOOL = "escalate_to_human"
 
 
 def _now() -> Any:
@@ -202,13 +205,40 @@ def _model_message(step: Step) -> dict[str, Any]:
     return message
 
 
+def _policy(version: Any) -> dict[str, Any]:
+    policy = version.escalation_policy
+    return policy if isinstance(policy, dict) else {}
+
+
+def _answer_instructions(version: Any) -> str:
+    """What the model is told about the form of its final answer (schema, confidence)."""
+    parts = []
+    if version.output_schema:
+        parts.append(
+            "Your final answer must be only JSON matching this JSON Schema: "
+            + json.dumps(version.output_schema, sort_keys=True)
+        )
+    if _policy(version).get("min_confidence") is not None:
+        parts.append(
+            "With your final answer, say how sure you are: "
+            + (
+                'include a "confidence" property (0 to 1) in it.'
+                if version.output_schema
+                else 'answer with only a JSON object {"answer": <your answer>, "confidence": '
+                "<0 to 1>}."
+            )
+        )
+    return "\n".join(parts)
+
+
 def build_messages(run: Run, steps: list[Step]) -> list[dict[str, Any]]:
     """The conversation the model sees: system prompt, the session's earlier turns, the input,
     then every model turn of this run followed by its tool results."""
     version = run.agent_version
     messages: list[dict[str, Any]] = []
-    if version.system_prompt:
-        messages.append({"role": "system", "content": version.system_prompt})
+    system = "\n\n".join(p for p in (version.system_prompt, _answer_instructions(version)) if p)
+    if system:
+        messages.append({"role": "system", "content": system})
     if run.session_id is not None:
         earlier = list(
             Run.objects.filter(
@@ -226,6 +256,16 @@ def build_messages(run: Run, steps: list[Step]) -> list[dict[str, Any]]:
     for step in steps:
         if step.kind == Step.Kind.MODEL and step.status == Step.Status.SUCCEEDED:
             messages.append(_model_message(step))
+            problem = (step.response or {}).get("output_errors")
+            if problem:
+                messages.append(
+                    {
+                        "role": "user",
+                        "name": "agentsite",
+                        "content": f"Your answer does not match the required output schema: "
+                        f"{problem}. Answer again with only JSON that matches the schema.",
+                    }
+                )
             messages.extend(
                 _tool_message(s)
                 for s in steps
@@ -264,6 +304,52 @@ def blocked_by_session(run: Run) -> bool:
             status__in=Run.ACTIVE_STATUSES,
             created_at__lt=run.created_at,
         ).exists()
+    )
+
+
+def _allowance(run: Run) -> int:
+    """Budgets the run has: 1, plus one per budget escalation a reviewer approved."""
+    if _policy(run.agent_version).get("on_budget_exhausted") != "escalate":
+        return 1
+    from approvals.services import budget_allowance
+
+    return budget_allowance(run)
+
+
+def _step_limit(run: Run) -> int:
+    return int(run.agent_version.max_steps * _allowance(run))
+
+
+def _budget_exhausted(run: Run, last: Step | None, message: str) -> None:
+    """Fail the run, or, if the agent's policy says ``on_budget_exhausted: escalate``, ask a
+    reviewer for another budget."""
+    from approvals.models import Approval
+
+    if _policy(run.agent_version).get("on_budget_exhausted") != "escalate":
+        _fail(run, "budget_exceeded", message)
+        return
+    index = last.index if last is not None else 0
+    if Approval.objects.filter(run=run, step_index=index, reason="budget_exhausted").exists():
+        _fail(run, "budget_exceeded", message)  # already extended at this very step
+        return
+    _hold_for_review(run, step_index=index, reason=Approval.Reason.BUDGET_EXHAUSTED, detail=message)
+
+
+def _stored_response(step: Step) -> ModelResponse:
+    data = step.response or {}
+    return ModelResponse(
+        text=data.get("text"),
+        tool_calls=[
+            ToolCallRequest(
+                id=c.get("id", ""),
+                name=c.get("name", ""),
+                arguments=c.get("arguments"),
+                arguments_error=c.get("arguments_error", ""),
+            )
+            for c in data.get("tool_calls") or []
+        ],
+        input_tokens=0,
+        output_tokens=0,
     )
 
 
@@ -314,6 +400,12 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             if any(s.status not in Step.DONE_STATUSES for s in turn):
                 return None  # the last tool call to finish nudges the run
         elif last is not None and last.kind == Step.Kind.MODEL:
+            calls = (last.response or {}).get("tool_calls") if last.status == "succeeded" else None
+            if calls:
+                # Its tool calls were held back by the step budget, and a reviewer has since
+                # granted another budget: record them now.
+                _record_tool_calls(run, last, _stored_response(last))
+                return None
             if last.status in (Step.Status.PENDING, Step.Status.RUNNING):
                 if last.status == Step.Status.RUNNING and not _lease_expired(last):
                     return None  # a live worker has it
@@ -355,19 +447,21 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 return ModelStepPlan(
                     run, last, build_messages(run, steps[:-1]), _offered_schemas(run)
                 )
-            return None  # done; the run's status already reflects its outcome
+            if not (
+                last.status == Step.Status.SUCCEEDED and (last.response or {}).get("output_errors")
+            ):
+                return None  # done; the run's status already reflects its outcome
+            # else: the answer failed the output schema; a repair turn follows.
 
         version = run.agent_version
-        if len(steps) >= version.max_steps:
-            _fail(run, "budget_exceeded", f"the run reached its limit of {version.max_steps} steps")
+        step_limit = _step_limit(run)
+        if len(steps) >= step_limit:
+            _budget_exhausted(run, last, f"the run reached its limit of {step_limit} steps")
             return None
         used = run.input_tokens + run.output_tokens
-        if version.max_tokens_per_run and used >= version.max_tokens_per_run:
-            _fail(
-                run,
-                "budget_exceeded",
-                f"the run used {used} tokens; its limit is {version.max_tokens_per_run}",
-            )
+        token_limit = version.max_tokens_per_run * _allowance(run)
+        if token_limit and used >= token_limit:
+            _budget_exhausted(run, last, f"the run used {used} tokens; its limit is {token_limit}")
             return None
         if _refused_turns_in_a_row(steps) >= settings.AGENTSITE_MAX_REFUSALS:
             _fail(
@@ -553,7 +647,99 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
         if response.tool_calls:
             _record_tool_calls(run, step, response)
         else:
-            finish_run(run, Run.Status.SUCCEEDED, result=json_safe(response.text or ""))
+            _conclude(run, step, response.text or "")
+
+
+def _confidence(output: Any, text: str) -> float | None:
+    value = output
+    if not isinstance(value, dict):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+    confidence = value.get("confidence") if isinstance(value, dict) else None
+    if isinstance(confidence, int | float) and not isinstance(confidence, bool):
+        return float(confidence)
+    return None
+
+
+def _hold_for_review(run: Run, **escalation: Any) -> None:
+    from approvals.services import escalate
+
+    escalate(run, **escalation)
+    _transition(
+        run,
+        from_statuses=(Run.Status.RUNNING,),
+        to=Run.Status.WAITING_APPROVAL,
+        action="run.waiting_approval",
+        payload={"reason": escalation["reason"]},
+    )
+
+
+def _conclude(run: Run, step: Step, text: str) -> None:
+    """The model answered without tool calls: check the answer against the agent's output
+    schema (one repair turn, then a reviewer) and its confidence threshold (a reviewer), and
+    finish the run with it."""
+    from approvals.models import Approval
+
+    from .outputs import OutputInvalid, check_output
+
+    version = run.agent_version
+    policy = _policy(version)
+    try:
+        output = check_output(version.output_schema, text)
+    except OutputInvalid as exc:
+        earlier = (
+            Step.objects.filter(run=run, kind=Step.Kind.MODEL, index__lt=step.index)
+            .order_by("-index")
+            .values_list("response", flat=True)
+            .first()
+        )
+        if not (earlier or {}).get("output_errors"):
+            # One repair turn: the model reads what was wrong and answers again.
+            Step.objects.filter(pk=step.pk).update(
+                response={**(step.response or {}), "output_errors": json_safe(str(exc))}
+            )
+            audit.record(
+                "output.invalid",
+                run=run,
+                step_index=step.index,
+                payload={"errors": json_safe(str(exc)), "repair": True},
+            )
+            advance_run_on_commit(run.pk)
+            return
+        _hold_for_review(
+            run,
+            step_index=step.index,
+            reason=Approval.Reason.OUTPUT_INVALID,
+            detail=f"the answer fails the output schema after one repair attempt: {exc}",
+            output=json_safe(text),
+        )
+        return
+    threshold = policy.get("min_confidence")
+    if isinstance(threshold, int | float) and not isinstance(threshold, bool):
+        if not version.output_schema and isinstance(output, str):
+            try:
+                parsed = json.loads(output)
+            except ValueError:
+                parsed = None
+            output = parsed if isinstance(parsed, dict) else output
+        confidence = _confidence(output, text)
+        if confidence is None or confidence < threshold:
+            _hold_for_review(
+                run,
+                step_index=step.index,
+                reason=Approval.Reason.LOW_CONFIDENCE,
+                detail=(
+                    "the model gave no confidence"
+                    if confidence is None
+                    else f"the model's confidence {confidence} is below the agent's "
+                    f"threshold {threshold}"
+                ),
+                output=json_safe(output),
+            )
+            return
+    finish_run(run, Run.Status.SUCCEEDED, result=json_safe(output))
 
 
 def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> None:
@@ -561,15 +747,16 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
     make, or whose arguments fail validation or the grant's constraints, is refused without
     executing; a call to a tool whose circuit is open fails at once; a call whose grant requires
     approval waits for a reviewer; the rest are enqueued to run in parallel."""
+    from approvals.models import Approval
     from approvals.services import request_tool_approval
 
-    version = run.agent_version
-    if model_step.index + len(response.tool_calls) >= version.max_steps:
-        _fail(
+    limit = _step_limit(run)
+    if model_step.index + len(response.tool_calls) >= limit:
+        _budget_exhausted(
             run,
-            "budget_exceeded",
+            model_step,
             f"the model asked for {len(response.tool_calls)} tool calls, which would pass the "
-            f"run's limit of {version.max_steps} steps",
+            f"run's limit of {limit} steps",
         )
         return
     live = policy.live_grants(run.agent_id)
@@ -582,7 +769,7 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
             status = Step.Status.REFUSED
         elif verdict.unavailable:
             status = Step.Status.FAILED
-        elif verdict.mode == "require_approval":
+        elif verdict.mode == "require_approval" or call.name == ESCALATE_TOOL:
             status = Step.Status.AWAITING_APPROVAL
         else:
             status = Step.Status.PENDING
@@ -622,8 +809,17 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
             by=audit.Actor.agent(run.model_route),
             payload={"tool": call.name, "call_id": call.id, "mode": verdict.mode},
         )
-        if status == Step.Status.AWAITING_APPROVAL:
-            request_tool_approval(run, step)
+        if status == Step.Status.AWAITING_APPROVAL and call.name == ESCALATE_TOOL:
+            arguments = call.arguments if isinstance(call.arguments, dict) else {}
+            request_tool_approval(
+                run,
+                step,
+                reason=Approval.Reason.MODEL_REQUESTED,
+                detail=str(arguments.get("reason") or "the model asked for a human"),
+            )
+            held += 1
+        elif status == Step.Status.AWAITING_APPROVAL:
+            request_tool_approval(run, step, detail=verdict.approval_reason)
             held += 1
         else:
             tool_call_on_commit(run.pk, step.index, timeout=verdict.spec.timeout)

@@ -267,6 +267,7 @@ CELERY_TASK_ROUTES = {
     "agents.deliver_webhook": {"queue": "maintenance"},
     "tools.execute_tool_call": {"queue": "tools"},
     "tools.deliver_outbox": {"queue": "maintenance"},
+    "approvals.expire_overdue": {"queue": "maintenance"},
 }
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower shows tasks as they happen
 CELERY_TASK_SEND_SENT_EVENT = True
@@ -275,6 +276,11 @@ CELERY_BEAT_SCHEDULE = {
     # Outbox rows whose on-commit nudge was lost (broker down) are delivered on the next pass.
     "deliver-outbox": {
         "task": "tools.deliver_outbox",
+        "schedule": float(AGENTSITE_RECONCILE_INTERVAL),
+        "options": {"expires": float(AGENTSITE_RECONCILE_INTERVAL)},
+    },
+    "expire-approvals": {
+        "task": "approvals.expire_overdue",
         "schedule": float(AGENTSITE_RECONCILE_INTERVAL),
         "options": {"expires": float(AGENTSITE_RECONCILE_INTERVAL)},
     },
@@ -300,6 +306,14 @@ AGENTSITE_STEP_LEASE_SECONDS = env_int(
 AGENTSITE_STALLED_AFTER = env_int("AGENTSITE_STALLED_AFTER", 60)
 AGENTSITE_MAX_TOOL_RESULT_CHARS = env_int("AGENTSITE_MAX_TOOL_RESULT_CHARS", 20_000)
 AGENTSITE_MAX_REFUSALS = env_int("AGENTSITE_MAX_REFUSALS", 3)
+
+# --- Human review -----------------------------------------------------------------------------
+
+# An escalation is due this many minutes after it is raised (an agent's escalation_policy
+# "review_sla_minutes" overrides it); past due, the policy's "on_expiry" applies.
+AGENTSITE_REVIEW_SLA_MINUTES = env_int("AGENTSITE_REVIEW_SLA_MINUTES", 240)
+# Four-eyes: a reviewer may not decide on a run they submitted themselves, unless this is set.
+AGENTSITE_ALLOW_SELF_APPROVAL = env_bool("AGENTSITE_ALLOW_SELF_APPROVAL")
 
 # --- Tools ------------------------------------------------------------------------------------
 

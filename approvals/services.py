@@ -1,18 +1,36 @@
-"""Holding actions for a reviewer and applying decisions: the only code that changes approvals.
+"""Escalating to a human and applying decisions: the only code that changes approvals.
 
-A held tool call is a step in ``awaiting_approval`` with an ``Approval`` bound to the exact
-action proposed (a digest of tool and arguments). A decision is taken once, under the run's
-lock: approving (possibly with edited arguments, validated like the original) turns the step
-into a pending call bound to the approved digest, which the executor checks before it runs the
-tool; rejecting tells the model the call was rejected and why. The run resumes on a worker
-when its last held call is decided.
+An approval holds one thing for a reviewer: a tool call (its step is ``awaiting_approval``), or
+the run's answer or its budget (the model turn is done; the run is ``waiting_approval``). It
+carries the reason, the exact proposal with its digest, the context a reviewer needs, a priority
+and a due time. A decision is taken once, under the run's lock, by a user allowed to decide
+(the ``approvals.decide_approval`` permission, and never on a run they submitted unless
+``AGENTSITE_ALLOW_SELF_APPROVAL``), and the run resumes on a worker when nothing else is held:
+
+===================== ====================================== ==================================
+reason                approve / edit                          reject
+===================== ====================================== ==================================
+tool requires         the call runs with the proposed /      the model is told it was rejected,
+approval              edited arguments (validated like the   with the comment
+                      model's); bound to their digest
+model requested       the model reads the reviewer's         the model reads that no help came,
+(escalate_to_human)   comment and answer                     and why
+low confidence,       the run succeeds with the proposed /   the run fails
+output invalid        edited answer (checked against the     (``rejected_by_reviewer``)
+                      agent's output schema)
+budget exhausted      approve: the run gets another budget;  the run fails (``budget_exceeded``)
+                      edit: it succeeds with the answer
+===================== ====================================== ==================================
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -20,10 +38,7 @@ from agents import audit
 from agents.dispatch import advance_run_on_commit, tool_call_on_commit
 from agents.models import Run, Step
 
-from .models import Approval, action_digest
-
-if TYPE_CHECKING:
-    from django.contrib.auth.models import User
+from .models import Approval, action_digest, output_digest
 
 
 class DecisionError(Exception):
@@ -44,33 +59,123 @@ class ApprovalNotFound(DecisionError):
     code = "not_found"
 
 
+class NotAllowedToDecide(DecisionError):
+    code = "forbidden"
+
+
 DECISIONS = ("approve", "reject", "edit")
+CONTEXT_STEPS = 6
+CONTEXT_TEXT_CHARS = 2000
+PRIORITY_NAMES = {label: value for value, label in Approval.Priority.choices}
 
 
-def request_tool_approval(run: Run, step: Step) -> Approval:
-    """Hold ``step`` (already ``awaiting_approval``) for a reviewer. Inside the engine's
-    transaction, under the run's lock."""
-    arguments = step.request.get("arguments")
+# --- Escalating ------------------------------------------------------------------------------
+
+
+def _clip(value: Any) -> Any:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= CONTEXT_TEXT_CHARS else text[:CONTEXT_TEXT_CHARS] + "…"
+
+
+def _context(run: Run) -> dict[str, Any]:
+    """What a reviewer reads: who asked what, and what the agent did last."""
+    steps = list(run.steps.order_by("-index")[:CONTEXT_STEPS])
+    return {
+        "agent": run.agent.slug,
+        "agent_version": run.agent_version.number,
+        "model_route": run.model_route,
+        "input": run.input,
+        "submitted_by": run.owner.get_username() if run.owner else "",
+        "steps": [
+            {
+                "index": s.index,
+                "kind": s.kind,
+                "status": s.status,
+                "tool": s.tool_name,
+                "arguments": (s.request or {}).get("arguments") if s.kind == "tool" else None,
+                "text": _clip((s.response or {}).get("text") if s.kind == "model" else s.response)
+                if s.response is not None
+                else None,
+                "error": s.error,
+            }
+            for s in reversed(steps)
+        ],
+    }
+
+
+def _policy(run: Run) -> dict[str, Any]:
+    policy = run.agent_version.escalation_policy
+    return policy if isinstance(policy, dict) else {}
+
+
+def _sla(run: Run) -> timedelta:
+    minutes = _policy(run).get("review_sla_minutes", settings.AGENTSITE_REVIEW_SLA_MINUTES)
+    try:
+        return timedelta(minutes=max(1.0, float(minutes)))
+    except (TypeError, ValueError):
+        return timedelta(minutes=settings.AGENTSITE_REVIEW_SLA_MINUTES)
+
+
+def _priority(run: Run, reason: str) -> int:
+    policy = _policy(run)
+    by_reason = policy.get("priorities") if isinstance(policy.get("priorities"), dict) else {}
+    name = (by_reason or {}).get(reason) or policy.get("priority") or "normal"
+    return PRIORITY_NAMES.get(str(name), Approval.Priority.NORMAL)
+
+
+def escalate(
+    run: Run,
+    *,
+    step_index: int,
+    reason: str,
+    detail: str = "",
+    tool_name: str = "",
+    arguments: Any = None,
+    output: Any = None,
+) -> Approval:
+    """Create a pending approval (inside the engine's transaction, under the run's lock) and
+    audit it. The caller moves the run to ``waiting_approval``."""
+    is_tool = reason in Approval.TOOL_REASONS
     approval = Approval.objects.create(
         run=run,
-        step_index=step.index,
-        reason=Approval.Reason.TOOL_REQUIRES_APPROVAL,
-        tool_name=step.tool_name,
-        proposed_arguments=arguments,
-        proposed_digest=action_digest(step.tool_name, arguments),
+        step_index=step_index,
+        reason=reason,
+        detail=detail,
+        priority=_priority(run, reason),
+        due_at=timezone.now() + _sla(run),
+        context=_context(run),
+        tool_name=tool_name,
+        proposed_arguments=arguments if is_tool else {},
+        proposed_output=None if is_tool else output,
+        proposed_digest=action_digest(tool_name, arguments) if is_tool else output_digest(output),
     )
     audit.record(
         "approval.requested",
         run=run,
-        step_index=step.index,
+        step_index=step_index,
         payload={
             "approval": str(approval.pk),
-            "reason": approval.reason,
-            "tool": step.tool_name,
+            "reason": reason,
+            "detail": detail,
+            "tool": tool_name,
             "digest": approval.proposed_digest,
+            "priority": approval.get_priority_display(),
+            "due_at": approval.due_at.isoformat() if approval.due_at else None,
         },
     )
     return approval
+
+
+def request_tool_approval(run: Run, step: Step, *, reason: str = "", detail: str = "") -> Approval:
+    """Hold ``step`` (already ``awaiting_approval``) for a reviewer."""
+    return escalate(
+        run,
+        step_index=step.index,
+        reason=reason or Approval.Reason.TOOL_REQUIRES_APPROVAL,
+        detail=detail or f"the agent's grant of {step.tool_name} requires approval",
+        tool_name=step.tool_name,
+        arguments=step.request.get("arguments"),
+    )
 
 
 def cancel_pending_approvals(run: Run, *, by: audit.Actor = audit.ENGINE) -> int:
@@ -96,114 +201,341 @@ def cancel_pending_approvals(run: Run, *, by: audit.Actor = audit.ENGINE) -> int
     return len(pending)
 
 
+def budget_allowance(run: Run) -> int:
+    """How many budgets the run has: 1, plus one per approved budget escalation."""
+    return (
+        1
+        + Approval.objects.filter(
+            run=run, reason=Approval.Reason.BUDGET_EXHAUSTED, status=Approval.Status.APPROVED
+        ).count()
+    )
+
+
+# --- Deciding --------------------------------------------------------------------------------
+
+
+def can_decide(user: Any) -> bool:
+    return bool(user is not None and user.is_active and user.has_perm("approvals.decide_approval"))
+
+
+def check_reviewer(user: Any, run: Run) -> None:
+    """Raise NotAllowedToDecide unless ``user`` may decide on ``run`` (four-eyes included)."""
+    if not can_decide(user):
+        raise NotAllowedToDecide("you are not allowed to decide escalations (reviewers only)")
+    assert user is not None
+    own_run = run.owner_id is not None and run.owner_id == user.pk
+    if own_run and not settings.AGENTSITE_ALLOW_SELF_APPROVAL:
+        raise NotAllowedToDecide(
+            "you submitted this run: another reviewer must decide (four-eyes rule)"
+        )
+
+
 def decide(
     approval_id: UUID | str,
     *,
     decision: str,
-    user: User | None,
+    user: Any,
     arguments: Any = None,
+    output: Any = None,
     comment: str = "",
+    system: str = "",
 ) -> Approval:
-    """Approve, edit-then-approve or reject a held tool call, exactly once.
+    """Approve, edit-then-approve or reject an escalation, exactly once (see the module doc).
 
-    ``edit`` runs the tool with ``arguments`` instead of the proposal; they are checked exactly
-    like the model's (schema and grant constraints). ``reject`` needs a comment; the model reads
-    it. Raises AlreadyDecided if someone decided first, DecisionError on bad input.
+    ``user`` must be allowed to decide (``check_reviewer``); ``system`` names a system actor
+    instead (e.g. the expiry sweep) and skips that check. Raises AlreadyDecided if someone
+    decided first, NotAllowedToDecide, or DecisionError on bad input (nothing changes then).
     """
-    from tools import policy
-
     if decision not in DECISIONS:
         raise DecisionError(f"decision is one of {', '.join(DECISIONS)}", field="decision")
     comment = (comment or "").strip()
     if decision == "reject" and not comment:
         raise DecisionError("a rejection needs a comment saying why", field="comment")
-    if decision == "edit" and not isinstance(arguments, dict):
-        raise DecisionError("edit needs the arguments to run, as a JSON object", field="arguments")
     with transaction.atomic():
-        found = Approval.objects.filter(pk=approval_id).values_list("run_id", flat=True).first()
-        if found is None:
+        run_id = Approval.objects.filter(pk=approval_id).values_list("run_id", flat=True).first()
+        if run_id is None:
             raise ApprovalNotFound("no such approval")
         run = (
             Run.objects.select_for_update(of=("self",))
-            .select_related("agent_version")
-            .get(pk=found)
+            .select_related("agent_version", "agent")
+            .get(pk=run_id)
         )
         approval = Approval.objects.select_for_update().get(pk=approval_id)
+        if not system:
+            check_reviewer(user, run)
         if approval.status != Approval.Status.PENDING:
             who = f" by {approval.decided_by}" if approval.decided_by else ""
-            raise AlreadyDecided(f"this approval was already {approval.status}{who}")
-        step = Step.objects.get(run=run, index=approval.step_index)
-        actor = audit.Actor.user(user, otherwise="reviewer")
-        now = timezone.now()
-        if decision == "reject":
-            Approval.objects.filter(pk=approval.pk).update(
-                status=Approval.Status.REJECTED, decided_by=user, decided_at=now, comment=comment
-            )
-            held = Step.objects.filter(pk=step.pk, status=Step.Status.AWAITING_APPROVAL).update(
-                status=Step.Status.REFUSED,
-                error=f"a human reviewer rejected this call: {comment}",
-                finished_at=now,
-            )
-            if not held:
-                raise DecisionError(f"the call is no longer waiting for review ({step.status})")
-            audit.record(
-                "approval.rejected",
-                run=run,
-                step_index=step.index,
-                by=actor,
-                payload={"approval": str(approval.pk), "tool": step.tool_name, "comment": comment},
-            )
+            raise AlreadyDecided(f"this escalation was already {approval.status}{who}")
+        actor = audit.Actor.system(system) if system else audit.Actor.user(user)
+        decider = None if system else user
+        if approval.is_about_a_tool_call and approval.reason == Approval.Reason.MODEL_REQUESTED:
+            _answer_the_model(run, approval, decision, output, comment, decider, actor)
+        elif approval.is_about_a_tool_call:
+            _decide_tool_call(run, approval, decision, arguments, comment, decider, actor)
         else:
-            final = arguments if decision == "edit" else approval.proposed_arguments
-            verdict = policy.authorize(run, step.tool_name, final)
-            if verdict.refusal:
-                raise DecisionError(
-                    verdict.refusal, field="arguments" if decision == "edit" else None
-                )
-            assert verdict.spec is not None
-            request = {"arguments": final, "approval": str(approval.pk)}
-            if decision == "edit":
-                request["proposed_arguments"] = approval.proposed_arguments
-            held = Step.objects.filter(pk=step.pk, status=Step.Status.AWAITING_APPROVAL).update(
-                status=Step.Status.PENDING, request=request
-            )
-            if not held:
-                raise DecisionError(f"the call is no longer waiting for review ({step.status})")
-            # The digest of the arguments as stored (jsonb may normalise numbers): exactly what
-            # the executor will read back and check.
-            step.refresh_from_db(fields=["request"])
-            final = step.request["arguments"]
-            digest = action_digest(step.tool_name, final)
-            Approval.objects.filter(pk=approval.pk).update(
-                status=Approval.Status.APPROVED,
-                approved_arguments=final,
-                approved_digest=digest,
-                decided_by=user,
-                decided_at=now,
-                comment=comment,
-            )
-            audit.record(
-                "approval.approved",
-                run=run,
-                step_index=step.index,
-                by=actor,
-                payload={
-                    "approval": str(approval.pk),
-                    "tool": step.tool_name,
-                    "edited": decision == "edit" and final != approval.proposed_arguments,
-                    "digest": digest,
-                    "comment": comment,
-                },
-            )
-            tool_call_on_commit(run.pk, step.index, timeout=verdict.spec.timeout)
-        _resume_if_nothing_held(run, actor)
+            _decide_answer(run, approval, decision, output, comment, decider, actor)
+        if not run.is_final:
+            _resume_if_nothing_held(run, actor)
         approval.refresh_from_db()
         return approval
+
+
+def _held_step(run: Run, approval: Approval) -> Step:
+    step = Step.objects.get(run=run, index=approval.step_index)
+    if step.status != Step.Status.AWAITING_APPROVAL:
+        raise DecisionError(f"the call is no longer waiting for review ({step.status})")
+    return step
+
+
+def _mark(approval: Approval, status: str, user: Any, comment: str, **fields: Any) -> None:
+    Approval.objects.filter(pk=approval.pk).update(
+        status=status, decided_by=user, decided_at=timezone.now(), comment=comment, **fields
+    )
+
+
+def _decide_tool_call(
+    run: Run,
+    approval: Approval,
+    decision: str,
+    arguments: Any,
+    comment: str,
+    user: Any,
+    actor: audit.Actor,
+) -> None:
+    from tools import policy
+
+    step = _held_step(run, approval)
+    now = timezone.now()
+    if decision == "reject":
+        Step.objects.filter(pk=step.pk).update(
+            status=Step.Status.REFUSED,
+            error=f"a human reviewer rejected this call: {comment}",
+            finished_at=now,
+        )
+        _mark(approval, Approval.Status.REJECTED, user, comment)
+        audit.record(
+            "approval.rejected",
+            run=run,
+            step_index=step.index,
+            by=actor,
+            payload={"approval": str(approval.pk), "tool": step.tool_name, "comment": comment},
+        )
+        return
+    if decision == "edit" and not isinstance(arguments, dict):
+        raise DecisionError("edit needs the arguments to run, as a JSON object", field="arguments")
+    final = arguments if decision == "edit" else approval.proposed_arguments
+    verdict = policy.authorize(run, step.tool_name, final)
+    if verdict.refusal:
+        raise DecisionError(verdict.refusal, field="arguments" if decision == "edit" else None)
+    assert verdict.spec is not None
+    request = {"arguments": final, "approval": str(approval.pk)}
+    if decision == "edit":
+        request["proposed_arguments"] = approval.proposed_arguments
+    Step.objects.filter(pk=step.pk).update(status=Step.Status.PENDING, request=request)
+    # The digest of the arguments as stored (jsonb may normalise numbers): exactly what the
+    # executor will read back and check.
+    step.refresh_from_db(fields=["request"])
+    final = step.request["arguments"]
+    digest = action_digest(step.tool_name, final)
+    _mark(
+        approval,
+        Approval.Status.APPROVED,
+        user,
+        comment,
+        approved_arguments=final,
+        approved_digest=digest,
+    )
+    audit.record(
+        "approval.approved",
+        run=run,
+        step_index=step.index,
+        by=actor,
+        payload={
+            "approval": str(approval.pk),
+            "tool": step.tool_name,
+            "edited": decision == "edit" and final != approval.proposed_arguments,
+            "arguments": final,
+            "digest": digest,
+            "comment": comment,
+        },
+    )
+    tool_call_on_commit(run.pk, step.index, timeout=verdict.spec.timeout)
+
+
+def _answer_the_model(
+    run: Run,
+    approval: Approval,
+    decision: str,
+    output: Any,
+    comment: str,
+    user: Any,
+    actor: audit.Actor,
+) -> None:
+    """escalate_to_human: the reviewer's reply is the tool's result; the model goes on."""
+    step = _held_step(run, approval)
+    reply: dict[str, Any] = {
+        "reviewer_decision": "rejected" if decision == "reject" else "approved",
+        "comment": comment,
+    }
+    if decision == "edit":
+        if output in (None, ""):
+            raise DecisionError("edit needs the answer to give the agent", field="output")
+        reply["answer"] = output
+    Step.objects.filter(pk=step.pk).update(
+        status=Step.Status.SUCCEEDED, response=reply, finished_at=timezone.now()
+    )
+    status = Approval.Status.REJECTED if decision == "reject" else Approval.Status.APPROVED
+    _mark(approval, status, user, comment, approved_output=reply.get("answer"))
+    audit.record(
+        f"approval.{status}",
+        run=run,
+        step_index=step.index,
+        by=actor,
+        payload={"approval": str(approval.pk), "reason": approval.reason, "comment": comment},
+    )
+
+
+def validate_output(run: Run, output: Any) -> Any:
+    """The answer as the run would return it, or DecisionError if it fails the agent's output
+    schema (the same check the engine makes)."""
+    from agents.outputs import OutputInvalid, check_output
+
+    try:
+        return check_output(run.agent_version.output_schema, output)
+    except OutputInvalid as exc:
+        raise DecisionError(f"the answer does not match the output schema: {exc}", field="output")
+
+
+def _decide_answer(
+    run: Run,
+    approval: Approval,
+    decision: str,
+    output: Any,
+    comment: str,
+    user: Any,
+    actor: audit.Actor,
+) -> None:
+    from agents.engine import finish_run
+
+    payload: dict[str, Any] = {
+        "approval": str(approval.pk),
+        "reason": approval.reason,
+        "comment": comment,
+    }
+    if decision == "reject":
+        _mark(approval, Approval.Status.REJECTED, user, comment)
+        audit.record(
+            "approval.rejected", run=run, step_index=approval.step_index, by=actor, payload=payload
+        )
+        code = (
+            "budget_exceeded"
+            if approval.reason == Approval.Reason.BUDGET_EXHAUSTED
+            else "rejected_by_reviewer"
+        )
+        finish_run(
+            run,
+            Run.Status.FAILED,
+            error_code=code,
+            error=f"a reviewer rejected it: {comment}",
+            by=actor,
+        )
+        return
+    if approval.reason == Approval.Reason.BUDGET_EXHAUSTED and decision == "approve":
+        _mark(approval, Approval.Status.APPROVED, user, comment)
+        audit.record(
+            "approval.approved",
+            run=run,
+            step_index=approval.step_index,
+            by=actor,
+            payload={**payload, "effect": "another budget"},
+        )
+        return  # _resume_if_nothing_held resumes it; the engine counts the new allowance
+    if decision == "edit" and output is None:
+        raise DecisionError("edit needs the answer to return", field="output")
+    proposed = approval.proposed_output if decision == "approve" else output
+    final = validate_output(run, proposed)
+    digest = output_digest(final)
+    _mark(
+        approval,
+        Approval.Status.APPROVED,
+        user,
+        comment,
+        approved_output=final,
+        approved_digest=digest,
+    )
+    audit.record(
+        "approval.approved",
+        run=run,
+        step_index=approval.step_index,
+        by=actor,
+        payload={**payload, "edited": decision == "edit", "digest": digest},
+    )
+    finish_run(run, Run.Status.SUCCEEDED, result=final, by=actor)
 
 
 def _resume_if_nothing_held(run: Run, actor: audit.Actor) -> None:
     from agents.engine import resume_after_review
 
     held = Step.objects.filter(run=run, status=Step.Status.AWAITING_APPROVAL).exists()
-    if not held and resume_after_review(run, by=actor):
+    pending = Approval.objects.filter(run=run, status=Approval.Status.PENDING).exists()
+    if not held and not pending and resume_after_review(run, by=actor):
         advance_run_on_commit(run.pk)  # a no-op while approved calls are still running
+
+
+# --- Overdue ---------------------------------------------------------------------------------
+
+
+def expire_overdue(*, limit: int = 200) -> int:
+    """Apply each agent's policy to approvals past their due time: ``on_expiry`` ``reject``
+    (the default: the escalation is rejected as expired) or ``escalate`` (priority up one, due
+    again after another SLA). Audited as the system. Safe to run concurrently."""
+    now = timezone.now()
+    overdue = list(
+        Approval.objects.filter(status=Approval.Status.PENDING, due_at__lt=now)
+        .order_by("due_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+    handled = 0
+    for approval_id in overdue:
+        with transaction.atomic():
+            run_id = Approval.objects.values_list("run_id", flat=True).get(pk=approval_id)
+            run = (
+                Run.objects.select_for_update(of=("self",))
+                .select_related("agent_version", "agent")
+                .get(pk=run_id)
+            )
+            approval = Approval.objects.select_for_update().get(pk=approval_id)
+            if approval.status != Approval.Status.PENDING or not approval.is_overdue:
+                continue
+            actor = audit.Actor.system("review-sla")
+            if _policy(run).get("on_expiry") == "escalate":
+                priority = min(approval.priority + 1, Approval.Priority.URGENT)
+                due = now + _sla(run)
+                Approval.objects.filter(pk=approval.pk).update(priority=priority, due_at=due)
+                audit.record(
+                    "approval.escalated",
+                    run=run,
+                    step_index=approval.step_index,
+                    by=actor,
+                    payload={
+                        "approval": str(approval.pk),
+                        "priority": Approval.Priority(priority).label,
+                        "due_at": due.isoformat(),
+                    },
+                )
+                handled += 1
+                continue
+        try:
+            with transaction.atomic():
+                decide(
+                    approval_id,
+                    decision="reject",
+                    user=None,
+                    comment="no reviewer decided before the due time (expired)",
+                    system="review-sla",
+                )
+                Approval.objects.filter(pk=approval_id).update(status=Approval.Status.EXPIRED)
+        except DecisionError:
+            continue
+        handled += 1
+    return handled

@@ -22,7 +22,7 @@ def run_command(*args: str, **options: object) -> str:
 
 def test_seed_demo_is_idempotent():
     first = run_command("seed_demo")
-    assert "seeded 5 articles, 2 agents" in first
+    assert "seeded 5 articles, 3 agents" in first
     articles = dict(KnowledgeDocument.objects.values_list("title", "body"))
     assert len(articles) == 5 and "Refund policy" in articles
 
@@ -30,10 +30,15 @@ def test_seed_demo_is_idempotent():
     assert "support-assistant: support-assistant v1" in second
     assert "math-tutor: math-tutor v1" in second
 
-    assert set(Agent.objects.values_list("slug", flat=True)) == {"support-assistant", "math-tutor"}
+    assert set(Agent.objects.values_list("slug", flat=True)) == {
+        "support-assistant",
+        "math-tutor",
+        "refund-agent",
+    }
     for slug, tools in [
         ("support-assistant", ["calculator", "knowledge_search"]),
         ("math-tutor", ["calculator"]),
+        ("refund-agent", ["escalate_to_human", "issue_refund"]),
     ]:
         agent = Agent.objects.get(slug=slug)
         assert agent.current_version.number == 1, slug
@@ -41,7 +46,7 @@ def test_seed_demo_is_idempotent():
         assert AgentVersion.objects.filter(agent=agent).count() == 1, slug
     assert KnowledgeDocument.objects.count() == 5
     assert dict(KnowledgeDocument.objects.values_list("title", "body")) == articles
-    assert AuditEvent.objects.filter(action="agent.version_published").count() == 2
+    assert AuditEvent.objects.filter(action="agent.version_published").count() == 3
 
 
 def test_seed_demo_restores_a_drifted_demo_agent_without_a_new_version():
@@ -115,3 +120,32 @@ def test_run_agent_uses_the_versions_route_by_default():
     run = Run.objects.get()
     assert "queued" in out and run.status == Run.Status.QUEUED
     assert run.model_route == "scripted:demo"
+
+
+def test_the_seeded_refund_agent_waits_for_a_reviewer_above_50_eur(admin_user):
+    from agents.models import Run
+    from agents.services import submit_run
+    from approvals.models import Approval
+    from approvals.services import decide
+    from tests.conftest import drive
+    from tools.models import OutboxMessage
+
+    run_command("seed_demo")
+    run = drive(submit_run(agent="refund-agent", input="parcel never arrived").pk)
+
+    assert run.status == Run.Status.WAITING_APPROVAL
+    approval = Approval.objects.get(run=run)
+    assert approval.tool_name == "issue_refund" and approval.reason == "tool_requires_approval"
+    assert approval.detail == "amount is 120, above 50, which needs a reviewer's approval"
+    assert not OutboxMessage.objects.exists()
+
+    decide(
+        approval.pk,
+        decision="edit",
+        user=admin_user,
+        arguments={"order_id": "A-1001", "amount": 45, "reason": "parcel never arrived"},
+    )
+    run = drive(run.pk)
+    assert run.status == Run.Status.SUCCEEDED
+    (refund,) = OutboxMessage.objects.filter(run=run)
+    assert refund.kind == "refund" and refund.payload["amount"] == "45"

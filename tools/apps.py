@@ -5,7 +5,13 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.models.signals import post_migrate
 
-BUILTIN_TOOL_MODULES = ("tools.builtin", "tools.knowledge", "tools.http", "tools.email")
+BUILTIN_TOOL_MODULES = (
+    "tools.builtin",
+    "tools.knowledge",
+    "tools.http",
+    "tools.email",
+    "tools.demo",
+)
 
 
 class ToolsConfig(AppConfig):

@@ -79,3 +79,26 @@ def calculator(args: CalculatorArgs, ctx: ToolContext) -> dict[str, Any]:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return {"expression": args.expression, "result": value}
+
+
+class EscalateArgs(BaseModel):
+    reason: str = Field(min_length=1, max_length=1000, description="Why a human is needed.")
+    question: str = Field(
+        default="", max_length=2000, description="What to ask the human, if anything."
+    )
+
+
+@tool(
+    name="escalate_to_human",
+    description=(
+        "Ask a human reviewer for help or a decision when you cannot or should not go on alone. "
+        "The run pauses until a reviewer answers; their reply is this tool's result."
+    ),
+    risk="low",
+    timeout=5,
+    retries=0,
+    requires_approval=True,
+)
+def escalate_to_human(args: EscalateArgs, ctx: ToolContext) -> dict[str, Any]:
+    # The engine holds every call of this tool for a reviewer, whose decision is its result.
+    raise ToolError("escalate_to_human is answered by a human reviewer, never executed")

@@ -13,6 +13,8 @@ absent (optional and not given) passes. Rules:
 ``max_length``         the longest string (or list) allowed
 ``hosts``              allowed URL hosts (http/https only); ``*.example.com`` allows subdomains
 ``email_domains``      allowed domains of e-mail addresses (same wildcard form)
+``approve_above``      not a limit but an escalation: a number above it needs a reviewer's
+                       approval even when the grant's mode is ``allow``
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
-RULES = ("min", "max", "one_of", "pattern", "max_length", "hosts", "email_domains")
+RULES = (
+    "min",
+    "max",
+    "one_of",
+    "pattern",
+    "max_length",
+    "hosts",
+    "email_domains",
+    "approve_above",
+)
 
 
 def _is_number(value: Any) -> bool:
@@ -66,7 +77,8 @@ def constraint_errors(constraints: Any, parameters_schema: Mapping[str, Any]) ->
         for rule, value in rules.items():
             problems.extend(_rule_errors(argument, rule, value))
             types = _schema_types(properties.get(argument) or {})
-            if rule in ("min", "max") and types and not types & {"number", "integer"}:
+            numeric = rule in ("min", "max", "approve_above")
+            if numeric and types and not types & {"number", "integer"}:
                 problems.append(f"{argument}.{rule}: {argument} is not a number.")
     return problems
 
@@ -75,7 +87,7 @@ def _rule_errors(argument: str, rule: str, value: Any) -> list[str]:
     where = f"{argument}.{rule}"
     if rule not in RULES:
         return [f"{where}: unknown rule; use one of {', '.join(RULES)}."]
-    if rule in ("min", "max") and not _is_number(value):
+    if rule in ("min", "max", "approve_above") and not _is_number(value):
         return [f"{where}: a number."]
     if rule == "max_length" and not (isinstance(value, int) and value >= 0):
         return [f"{where}: a whole number, 0 or more."]
@@ -164,10 +176,22 @@ def check(arguments: Mapping[str, Any], constraints: Mapping[str, Any] | None) -
         else:
             values = [value]
         for rule, limit in rules.items():
-            if rule == "max_length" and isinstance(value, list):
+            if rule == "approve_above" or (rule == "max_length" and isinstance(value, list)):
                 continue
             for item in values:
                 problem = _check_value(argument, rule, limit, item)
                 if problem:
                     return problem
     return None
+
+
+def approval_needed(arguments: Mapping[str, Any], constraints: Mapping[str, Any] | None) -> str:
+    """Why the call needs a reviewer under the grant's ``approve_above`` rules, or ""."""
+    for argument, rules in (constraints or {}).items():
+        limit = rules.get("approve_above") if isinstance(rules, dict) else None
+        value = arguments.get(argument)
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if limit is not None and _is_number(item) and item > limit:
+                return f"{argument} is {item}, above {limit}, which needs a reviewer's approval"
+    return ""

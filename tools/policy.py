@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import breaker
-from .constraints import check
+from .constraints import approval_needed, check
 from .models import Tool, ToolGrant
 from .registry import ToolArgumentsInvalid, ToolSpec, registry
 
@@ -33,6 +33,8 @@ class Authorization:
     mode: str = ToolGrant.Mode.ALLOW
     # The rule sets of the version's grant and of the current grant; a value must pass both.
     constraint_sets: tuple[dict[str, Any], ...] = ()
+    # Why an ``allow`` grant still needs a reviewer for these arguments (``approve_above``).
+    approval_reason: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -103,12 +105,15 @@ def authorize(
                 spec=spec, refusal=f"arguments for {name} break the agent's grant: {problem}"
             )
     modes = {frozen.get("mode"), grant.mode}
+    escalation = next((why for r in rule_sets if (why := approval_needed(validated, r))), "")
     mode = (
         ToolGrant.Mode.REQUIRE_APPROVAL
-        if ToolGrant.Mode.REQUIRE_APPROVAL in modes
+        if ToolGrant.Mode.REQUIRE_APPROVAL in modes or escalation
         else ToolGrant.Mode.ALLOW
     )
-    verdict = Authorization(spec=spec, mode=mode, constraint_sets=rule_sets)
+    verdict = Authorization(
+        spec=spec, mode=mode, constraint_sets=rule_sets, approval_reason=escalation
+    )
     state = breaker.status(name)
     if state.state == "open":
         verdict.unavailable = unavailable_message(name, state.retry_in)

@@ -57,7 +57,16 @@ class ScriptedProvider:
 
     def complete(self, request: ModelRequest) -> ModelResponse:
         messages = request.messages
-        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        # The run's own input starts the script; notes the engine adds (a repair request,
+        # named "agentsite") continue it.
+        last_user = max(
+            (
+                i
+                for i, m in enumerate(messages)
+                if m.get("role") == "user" and m.get("name") != "agentsite"
+            ),
+            default=-1,
+        )
         turn = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
         last_assistant = max(
             (i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1

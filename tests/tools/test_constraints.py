@@ -90,3 +90,19 @@ def test_host_matching_is_exact_or_a_true_subdomain():
     assert not host_allowed("example.com", ["*.example.com"])
     assert not host_allowed("badexample.com", ["*.example.com"])
     assert not host_allowed("", ["*.example.com"])
+
+
+def test_approve_above_escalates_rather_than_refuses():
+    from tools.constraints import approval_needed
+
+    rules = {"amount": {"max": 500, "approve_above": 50}}
+    assert check({"amount": 120}, rules) is None  # within the limit: not refused
+    assert approval_needed({"amount": 120}, rules) == (
+        "amount is 120, above 50, which needs a reviewer's approval"
+    )
+    assert approval_needed({"amount": 50}, rules) == ""
+    assert approval_needed({}, rules) == ""
+    assert check({"amount": 600}, rules) is not None  # past max: refused outright
+    assert constraint_errors({"amount": {"approve_above": "50"}}, SCHEMA) == [
+        "amount.approve_above: a number."
+    ]

@@ -74,8 +74,49 @@ AGENTS: list[dict[str, Any]] = [
 ]
 
 
+AGENTS.append(
+    {
+        "slug": "refund-agent",
+        "name": "Refund agent",
+        "description": (
+            "Refunds orders; a refund above 50 EUR waits for a human reviewer (the review "
+            "queue in the admin)."
+        ),
+        "model_route": "scripted:demo",
+        "system_prompt": (
+            "You handle refund requests. Refund with the issue_refund tool; refunds above "
+            "50 EUR are checked by a human first. Ask a human (escalate_to_human) when unsure."
+        ),
+        # Up to 500 EUR; above 50 EUR each refund needs a reviewer's approval.
+        "tools": {
+            "issue_refund": {
+                "mode": "allow",
+                "constraints": {"amount": {"max": 500, "approve_above": 50}},
+            },
+            "escalate_to_human": "require_approval",
+        },
+        "max_steps": 8,
+        "escalation_policy": {"review_sla_minutes": 60, "on_expiry": "escalate"},
+        "script": [
+            {
+                "tool_calls": [
+                    {
+                        "name": "issue_refund",
+                        "arguments": {"order_id": "A-1001", "amount": 120, "reason": "{input}"},
+                    }
+                ]
+            },
+            {"text": "Refund done: {last_tool_result}"},
+        ],
+    }
+)
+
+
 class Command(BaseCommand):
-    help = "Create the demo agents (support-assistant, math-tutor) and the knowledge base."
+    help = (
+        "Create the demo agents (support-assistant, math-tutor, refund-agent) and the "
+        "knowledge base."
+    )
 
     @transaction.atomic
     def handle(self, *args: Any, **options: Any) -> None:
