@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 from django.conf import settings
@@ -90,12 +91,58 @@ class Command(BaseCommand):
                     failed.append(slug)
                 if worker.poll() is not None:
                     raise CommandError(f"the worker exited early; see {log.name}")
+            try:
+                self._refund_story(options["timeout"])
+            except CommandError as exc:
+                self.stderr.write(str(exc))
+                failed.append("refund-agent")
         finally:
             self._stop(worker)
             app.close()
         if failed:
             raise CommandError(f"demo runs failed: {', '.join(failed)} (worker log: {log.name})")
         self.stdout.write(self.style.SUCCESS("\ndemo finished: every run succeeded"))
+
+    def _refund_story(self, timeout: float) -> None:
+        """A refund above the threshold waits for a human; a demo reviewer approves it."""
+        from django.contrib.auth.models import Group, User
+
+        from agents.management.commands.run_agent import Command as RunAgent
+        from agents.services import submit_run
+        from approvals.apps import REVIEWERS_GROUP
+        from approvals.models import Approval
+        from approvals.services import decide
+
+        text = "The parcel never arrived"
+        self.stdout.write(
+            self.style.MIGRATE_HEADING(
+                f"\n$ run_agent refund-agent {text!r} --wait   "
+                "(a refund above 50 EUR waits for a reviewer)"
+            )
+        )
+        run = submit_run(agent="refund-agent", input=text)
+        follower = RunAgent(stdout=self.stdout, stderr=self.stderr)
+        deadline = time.monotonic() + timeout
+        while not Approval.objects.filter(run=run, status=Approval.Status.PENDING).exists():
+            run.refresh_from_db()
+            if run.is_final or time.monotonic() > deadline:
+                raise CommandError(f"the refund run did not wait for a reviewer ({run.status})")
+            time.sleep(0.2)
+        run.refresh_from_db()
+        self.stdout.write(f"run {run.status}")
+        follower._describe_escalations(run)
+        reviewer, created = User.objects.get_or_create(
+            username="demo-reviewer", defaults={"is_staff": True}
+        )
+        if created:
+            reviewer.set_unusable_password()
+            reviewer.save()
+        reviewer.groups.add(Group.objects.get(name=REVIEWERS_GROUP))
+        reviewer = User.objects.get(pk=reviewer.pk)  # a fresh permission cache
+        approval = Approval.objects.get(run=run, status=Approval.Status.PENDING)
+        decide(approval.pk, decision="approve", user=reviewer, comment="Checked: approved.")
+        self.stdout.write("  demo-reviewer approved it (in production: a person, in the admin)")
+        follower._follow(run, timeout)
 
     def _stop(self, worker: subprocess.Popen[bytes]) -> None:
         if worker.poll() is None:

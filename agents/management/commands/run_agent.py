@@ -72,6 +72,22 @@ class Command(BaseCommand):
             return
         self._follow(run, options["timeout"])
 
+    def _describe_escalations(self, run: Run) -> None:
+        from approvals.models import Approval
+
+        for approval in Approval.objects.filter(run=run, status=Approval.Status.PENDING):
+            what = (
+                f"{approval.tool_name}({json.dumps(approval.proposed_arguments, sort_keys=True)})"
+                if approval.is_about_a_tool_call
+                else f"answer {_clip(approval.proposed_output, 200)}"
+            )
+            self.stdout.write(
+                f"  waiting for a reviewer: {approval.reason}: {approval.detail}\n"
+                f"    proposed: {what}\n"
+                f"    decide at /admin/approvals/approval/{approval.pk}/change/ or "
+                f"POST /api/v1/approvals/{approval.pk}/decision/"
+            )
+
     def _follow(self, run: Run, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         printed: set[int] = set()
@@ -81,6 +97,8 @@ class Command(BaseCommand):
             if run.status != status and not run.is_final:
                 status = run.status
                 self.stdout.write(f"run {status}")
+                if status == Run.Status.WAITING_APPROVAL:
+                    self._describe_escalations(run)
             for step in run.steps.order_by("index"):
                 if step.index not in printed and step.status in Step.DONE_STATUSES:
                     printed.add(step.index)
