@@ -1,0 +1,46 @@
+"""`manage.py demo` (what `make demo` runs after migrate and seed_demo), end to end."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from agents.models import Run
+from approvals.models import Approval
+from tests.conftest import ROOT, _test_database_url, _uses_real_services
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def test_the_demo_runs_every_agent_to_success_including_a_reviewed_refund():
+    if not _uses_real_services():
+        pytest.skip("needs Postgres and Redis: run it with `make test`")
+    call_command("seed_demo", stdout=io.StringIO())
+    env = {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "demo", "--timeout", "60"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo finished: every run succeeded" in result.stdout
+    assert "waiting for a reviewer: tool_requires_approval" in result.stdout
+    assert set(Run.objects.values_list("status", flat=True)) == {Run.Status.SUCCEEDED}
+    assert Run.objects.count() == 3
+    approval = Approval.objects.get()
+    assert approval.status == Approval.Status.APPROVED
+    assert approval.decided_by.username == "demo-reviewer"
