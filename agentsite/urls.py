@@ -6,6 +6,7 @@ from rest_framework.routers import SimpleRouter
 
 from agents.api import AgentViewSet, RunViewSet
 from agents.events import run_events_view
+from approvals.api import ApprovalViewSet
 
 from .errors import json_or_default
 from .health import healthz, readyz
@@ -16,6 +17,7 @@ admin.site.site_title = "Agentsite admin"
 router = SimpleRouter()
 router.register("agents", AgentViewSet, basename="agent")
 router.register("runs", RunViewSet, basename="run")
+router.register("approvals", ApprovalViewSet, basename="approval")
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -168,6 +168,9 @@ def test_the_served_schema_is_the_one_tested(api_server: Any) -> None:
         ("POST", "/api/v1/runs/{id}/cancel/"),
         ("GET", "/api/v1/runs/{id}/events/"),
         ("GET", "/api/v1/runs/{id}/steps/"),
+        ("GET", "/api/v1/approvals/"),
+        ("GET", "/api/v1/approvals/{id}/"),
+        ("POST", "/api/v1/approvals/{id}/decision/"),
     }
 
 

@@ -1,0 +1,189 @@
+"""The review queue over the REST API: thin views over approvals.services.
+
+Who may do what (the ``reviewers`` group holds both permissions):
+
+- seeing the queue and an approval needs ``approvals.view_approval`` or the permission to
+  decide (``approvals.decide_approval``); anyone else authenticated gets 403 on the list and
+  404 on an approval (so ids do not leak); no or a bad key is 401, as everywhere;
+- deciding needs ``approvals.decide_approval`` and, unless ``AGENTSITE_ALLOW_SELF_APPROVAL``,
+  a run the reviewer did not submit (four-eyes): 403 ``forbidden`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
+from rest_framework import exceptions, mixins, permissions, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agentsite.errors import error_body
+
+from . import services
+from .models import Approval
+from .serializers import (
+    ALL_STATUSES,
+    PRIORITY_NAMES,
+    ApprovalFilterSerializer,
+    ApprovalSerializer,
+    DecisionSerializer,
+    ErrorResponseSerializer,
+)
+
+
+def _error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorResponseSerializer, description=description)
+
+
+UNAUTHENTICATED = {401: _error("Missing or invalid API key")}
+THROTTLED = {429: _error("Rate limited; see Retry-After")}
+NOT_FOUND = {404: _error("No such approval, or the caller may not see the queue")}
+# A decision's refusals from approvals.services, by class (the first match wins).
+DECISION_STATUS: tuple[tuple[type[services.DecisionError], int], ...] = (
+    (services.AlreadyDecided, status.HTTP_409_CONFLICT),
+    (services.NotAllowedToDecide, status.HTTP_403_FORBIDDEN),
+    (services.ApprovalNotFound, status.HTTP_404_NOT_FOUND),
+)
+
+
+def can_view(user: Any) -> bool:
+    """May ``user`` see the review queue? Viewers, and whoever may decide."""
+    return bool(
+        user is not None
+        and user.is_authenticated
+        and user.is_active
+        and (user.has_perm("approvals.view_approval") or services.can_decide(user))
+    )
+
+
+class IsReviewer(permissions.BasePermission):
+    """The queue is for reviewers: others get 403 on the list and 404 on an approval."""
+
+    message = "Only reviewers may see the review queue."
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        if can_view(request.user):
+            return True
+        if not getattr(view, "detail", False):
+            return False  # the queue: 403
+        raise exceptions.NotFound()  # an approval: as if there were none
+
+
+def decision_error(exc: services.DecisionError) -> Response:
+    """A refused decision in the one error shape, with the field at fault if there is one."""
+    code = next(
+        (answer for cls, answer in DECISION_STATUS if isinstance(exc, cls)),
+        status.HTTP_400_BAD_REQUEST,
+    )
+    fields = {exc.field: [str(exc)]} if exc.field else None
+    return Response(error_body(exc.code, str(exc), fields), status=code)
+
+
+@extend_schema_view(
+    retrieve=extend_schema(
+        description="One approval, whatever its status.",
+        responses={200: ApprovalSerializer, **UNAUTHENTICATED, **NOT_FOUND, **THROTTLED},
+    ),
+)
+class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Escalations waiting for (or decided by) a human reviewer."""
+
+    serializer_class = ApprovalSerializer
+    permission_classes = [permissions.IsAuthenticated, IsReviewer]
+    lookup_value_regex = "[0-9a-fA-F-]{32,36}"
+
+    def get_queryset(self) -> QuerySet[Approval]:
+        approvals = Approval.objects.select_related("run", "run__agent", "decided_by")
+        if self.action != "list":
+            return approvals
+        filters = ApprovalFilterSerializer(data=self.request.query_params.dict())
+        filters.is_valid(raise_exception=True)
+        f = filters.validated_data
+        if f["status"] != ALL_STATUSES:
+            approvals = approvals.filter(status=f["status"])
+        if "agent" in f:
+            approvals = approvals.filter(run__agent__slug=f["agent"])
+        if "reason" in f:
+            approvals = approvals.filter(reason=f["reason"])
+        if "priority" in f:
+            approvals = approvals.filter(priority=PRIORITY_NAMES[f["priority"]])
+        if "overdue" in f:
+            overdue = Q(status=Approval.Status.PENDING, due_at__lt=timezone.now())
+            approvals = approvals.filter(overdue) if f["overdue"] else approvals.exclude(overdue)
+        # The queue: most urgent first, then the soonest due, then the oldest.
+        return approvals.order_by("-priority", "due_at", "created_at", "pk")
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "status",
+                str,
+                enum=[*Approval.Status.values, ALL_STATUSES],
+                description="Default pending; all for every status.",
+            ),
+            OpenApiParameter("agent", str, description="The agent's slug."),
+            OpenApiParameter("reason", str, enum=Approval.Reason.values),
+            OpenApiParameter("priority", str, enum=list(PRIORITY_NAMES)),
+            OpenApiParameter(
+                "overdue",
+                OpenApiTypes.BOOL,
+                description="true: only pending approvals past their due time; false: the rest.",
+            ),
+        ],
+        responses={
+            200: ApprovalSerializer(many=True),
+            400: _error("Invalid filter (error shape, the filter named in fields)"),
+            **UNAUTHENTICATED,
+            403: _error("Not a reviewer"),
+            **THROTTLED,
+        },
+    )
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """The review queue: most urgent first, then the soonest due, then the oldest."""
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=DecisionSerializer,
+        responses={
+            200: ApprovalSerializer,
+            400: _error("Invalid decision (error shape, the input at fault named in fields)"),
+            **UNAUTHENTICATED,
+            403: _error("Not allowed to decide: not a reviewer, or the four-eyes rule"),
+            **NOT_FOUND,
+            409: _error("Already decided (already_decided)"),
+            415: _error("The body is not JSON (Content-Type)"),
+            **THROTTLED,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def decision(self, request: Request, pk: str | None = None) -> Response:
+        """Approve, edit (then approve) or reject, once: 200 with the approval as decided."""
+        approval = self.get_object()
+        try:
+            # Who may decide is settled before the body is looked at.
+            services.check_reviewer(request.user, approval.run)
+            incoming = DecisionSerializer(data=request.data, context={"approval": approval})
+            incoming.is_valid(raise_exception=True)
+            data = incoming.validated_data
+            decided = services.decide(
+                approval.pk,
+                decision=data["decision"],
+                user=request.user,
+                arguments=data.get("arguments"),
+                output=data.get("output"),
+                comment=data.get("comment", ""),
+            )
+        except services.DecisionError as exc:
+            return decision_error(exc)
+        return Response(ApprovalSerializer(self.get_queryset().get(pk=decided.pk)).data)
