@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentsite
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: help venv demo test lint services up migrate fake-openai clean
+.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps
 
 help:
 	@echo "make demo   - install, migrate, seed and run the demo agents on a real worker"
 	@echo "make test   - the whole suite against Postgres and Redis (started if installed)"
 	@echo "make lint   - ruff (lint + format check) and mypy"
 	@echo "make up     - web server, worker, beat and Flower for local use"
+	@echo "make browser-deps - Debian's chromium for the browser test (apt-get, as root)"
 
 venv: $(STAMP)
 
@@ -46,7 +47,14 @@ services:
 	    --dir /var/lib/redis --logfile /var/log/redis/agentsite.log; \
 	  for i in $$(seq 30); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && break; sleep 1; done; }
 
+# Debian's Chromium for the browser test (tests/approvals/test_browser.py drives it with
+# Playwright); never Playwright's own browser downloads.
+browser-deps:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+# Best effort: without apt, root or the network, the browser test skips and says why.
 test: venv services
+	@$(MAKE) --no-print-directory browser-deps || echo "chromium not installed: browser test will skip"
 	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 	  $(BIN)/python -m pytest $(PYTEST_ARGS)
 

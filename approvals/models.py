@@ -93,6 +93,7 @@ class Approval(models.Model):
             models.Index(fields=["status", "-priority", "due_at"], name="approval_queue"),
         ]
         permissions = [("decide_approval", "Can approve, edit or reject escalations")]
+        verbose_name_plural = "Review queue"
 
     def __str__(self) -> str:
         return f"{self.get_reason_display()}: {self.tool_name or 'answer'} ({self.status})"

@@ -73,6 +73,8 @@ PRIORITY_NAMES = {label: value for value, label in Approval.Priority.choices}
 
 
 def _clip(value: Any) -> Any:
+    if value is None:
+        return None
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= CONTEXT_TEXT_CHARS else text[:CONTEXT_TEXT_CHARS] + "…"
 

@@ -121,7 +121,8 @@ class Command(BaseCommand):
             )
         )
         run = submit_run(agent="refund-agent", input=text)
-        follower = RunAgent(stdout=self.stdout, stderr=self.stderr)
+        follower = RunAgent()
+        follower.stdout, follower.stderr = self.stdout, self.stderr
         deadline = time.monotonic() + timeout
         while not Approval.objects.filter(run=run, status=Approval.Status.PENDING).exists():
             run.refresh_from_db()
