@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -650,17 +651,22 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
             _conclude(run, step, response.text or "")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _confidence(output: Any, text: str) -> float | None:
     value = output
     if not isinstance(value, dict):
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constant)
         except ValueError:
             return None
     confidence = value.get("confidence") if isinstance(value, dict) else None
-    if isinstance(confidence, int | float) and not isinstance(confidence, bool):
-        return float(confidence)
-    return None
+    if not isinstance(confidence, int | float) or isinstance(confidence, bool):
+        return None
+    # NaN compares false with everything: only a real 0..1 figure can pass the threshold.
+    return float(confidence) if math.isfinite(confidence) and 0 <= confidence <= 1 else None
 
 
 def _hold_for_review(run: Run, **escalation: Any) -> None:
@@ -720,7 +726,7 @@ def _conclude(run: Run, step: Step, text: str) -> None:
     if isinstance(threshold, int | float) and not isinstance(threshold, bool):
         if not version.output_schema and isinstance(output, str):
             try:
-                parsed = json.loads(output)
+                parsed = json.loads(output, parse_constant=_no_constant)
             except ValueError:
                 parsed = None
             output = parsed if isinstance(parsed, dict) else output

@@ -23,6 +23,44 @@ def new_trace_id() -> str:
     return uuid.uuid4().hex
 
 
+POLICY_CHOICES = {
+    "on_budget_exhausted": ("fail", "escalate"),
+    "on_expiry": ("reject", "escalate"),
+}
+PRIORITY_NAMES = ("low", "normal", "high", "urgent")
+
+
+def escalation_policy_problem(policy: dict[str, Any]) -> str:
+    """What is wrong with an agent's escalation policy (for its form), or ""."""
+    known = {*POLICY_CHOICES, "min_confidence", "review_sla_minutes", "priority", "priorities"}
+    unknown = sorted(set(policy) - known)
+    if unknown:
+        return f"Unknown keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})."
+    for key, choices in POLICY_CHOICES.items():
+        if key in policy and policy[key] not in choices:
+            return f"{key} is one of {', '.join(choices)}."
+    confidence = policy.get("min_confidence")
+    if confidence is not None and not (
+        isinstance(confidence, int | float)
+        and not isinstance(confidence, bool)
+        and 0 <= confidence <= 1
+    ):
+        return "min_confidence is a number from 0 to 1."
+    sla = policy.get("review_sla_minutes")
+    if sla is not None and not (
+        isinstance(sla, int | float) and not isinstance(sla, bool) and 1 <= sla <= 525_600
+    ):
+        return "review_sla_minutes is a number of minutes from 1 to 525600 (a year)."
+    if "priority" in policy and policy["priority"] not in PRIORITY_NAMES:
+        return f"priority is one of {', '.join(PRIORITY_NAMES)}."
+    priorities = policy.get("priorities", {})
+    if not isinstance(priorities, dict) or any(
+        v not in PRIORITY_NAMES for v in priorities.values()
+    ):
+        return f"priorities maps a reason to one of {', '.join(PRIORITY_NAMES)}."
+    return ""
+
+
 class Agent(models.Model):
     """An agent as operators edit it. Saving a changed configuration publishes a new version."""
 
@@ -87,6 +125,16 @@ class Agent(models.Model):
             errors["output_schema"] = "A JSON schema object."
         if not isinstance(self.escalation_policy, dict):
             errors["escalation_policy"] = "A JSON object."
+        else:
+            problem = escalation_policy_problem(self.escalation_policy)
+            if problem:
+                errors["escalation_policy"] = problem
+        if self.output_schema is not None:
+            from .outputs import schema_problem
+
+            schema_error = schema_problem(self.output_schema)
+            if schema_error:
+                errors["output_schema"] = schema_error[0].upper() + schema_error[1:] + "."
         if errors:
             raise ValidationError(errors)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -26,6 +27,20 @@ def schema_problem(schema: Any) -> str | None:
     return None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def check_output(schema: dict[str, Any] | None, output: Any) -> Any:
     """The answer as the run returns it: with a schema, text is parsed as JSON and the value
     must validate; without one, the answer is returned as it is."""
@@ -37,9 +52,11 @@ def check_output(schema: dict[str, Any] | None, output: Any) -> Any:
         if text.startswith("```"):  # models like to fence JSON
             text = text.strip("`").removeprefix("json").strip()
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constant)
         except ValueError:
             raise OutputInvalid("the answer is not JSON") from None
+    if not _finite(value):
+        raise OutputInvalid("the answer contains NaN or Infinity, which are not JSON")
     errors = sorted(
         Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path)
     )

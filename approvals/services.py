@@ -26,6 +26,7 @@ budget exhausted      approve: the run gets another budget;  the run fails (``bu
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -64,6 +65,7 @@ class NotAllowedToDecide(DecisionError):
 
 
 DECISIONS = ("approve", "reject", "edit")
+MAX_SLA_MINUTES = 60 * 24 * 365
 CONTEXT_STEPS = 6
 CONTEXT_TEXT_CHARS = 2000
 PRIORITY_NAMES = {label: value for value, label in Approval.Priority.choices}
@@ -113,8 +115,8 @@ def _policy(run: Run) -> dict[str, Any]:
 def _sla(run: Run) -> timedelta:
     minutes = _policy(run).get("review_sla_minutes", settings.AGENTSITE_REVIEW_SLA_MINUTES)
     try:
-        return timedelta(minutes=max(1.0, float(minutes)))
-    except (TypeError, ValueError):
+        return timedelta(minutes=min(max(1.0, float(minutes)), MAX_SLA_MINUTES))
+    except (TypeError, ValueError, OverflowError):
         return timedelta(minutes=settings.AGENTSITE_REVIEW_SLA_MINUTES)
 
 
@@ -241,6 +243,7 @@ def decide(
     output: Any = None,
     comment: str = "",
     system: str = "",
+    expired: bool = False,
 ) -> Approval:
     """Approve, edit-then-approve or reject an escalation, exactly once (see the module doc).
 
@@ -250,9 +253,14 @@ def decide(
     """
     if decision not in DECISIONS:
         raise DecisionError(f"decision is one of {', '.join(DECISIONS)}", field="decision")
-    comment = (comment or "").strip()
+    comment = (comment or "").strip() if isinstance(comment, str) else ""
     if decision == "reject" and not comment:
         raise DecisionError("a rejection needs a comment saying why", field="comment")
+    expired = expired and bool(system)
+    for field, value in (("comment", comment), ("arguments", arguments), ("output", output)):
+        problem = _unstorable(value)
+        if problem:
+            raise DecisionError(f"{field} {problem}", field=field)
     with transaction.atomic():
         run_id = Approval.objects.filter(pk=approval_id).values_list("run_id", flat=True).first()
         if run_id is None:
@@ -271,15 +279,40 @@ def decide(
         actor = audit.Actor.system(system) if system else audit.Actor.user(user)
         decider = None if system else user
         if approval.is_about_a_tool_call and approval.reason == Approval.Reason.MODEL_REQUESTED:
-            _answer_the_model(run, approval, decision, output, comment, decider, actor)
+            _answer_the_model(run, approval, decision, output, comment, decider, actor, expired)
         elif approval.is_about_a_tool_call:
-            _decide_tool_call(run, approval, decision, arguments, comment, decider, actor)
+            _decide_tool_call(run, approval, decision, arguments, comment, decider, actor, expired)
         else:
-            _decide_answer(run, approval, decision, output, comment, decider, actor)
+            _decide_answer(run, approval, decision, output, comment, decider, actor, expired)
         if not run.is_final:
             _resume_if_nothing_held(run, actor)
         approval.refresh_from_db()
         return approval
+
+
+def _rejected(expired: bool) -> str:
+    return Approval.Status.EXPIRED if expired else Approval.Status.REJECTED
+
+
+def _unstorable(value: Any, depth: int = 0) -> str:
+    """Why a reviewer's value cannot be stored as JSON in Postgres, or ""."""
+    if depth > 32:
+        return "is nested too deeply"
+    if isinstance(value, str):
+        return "must not contain NUL characters" if "\x00" in value else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must not contain NaN or Infinity"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _unstorable(key, depth + 1) or _unstorable(item, depth + 1)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for item in value:
+            problem = _unstorable(item, depth + 1)
+            if problem:
+                return problem
+    return ""
 
 
 def _held_step(run: Run, approval: Approval) -> Step:
@@ -303,6 +336,7 @@ def _decide_tool_call(
     comment: str,
     user: Any,
     actor: audit.Actor,
+    expired: bool = False,
 ) -> None:
     from tools import policy
 
@@ -311,12 +345,16 @@ def _decide_tool_call(
     if decision == "reject":
         Step.objects.filter(pk=step.pk).update(
             status=Step.Status.REFUSED,
-            error=f"a human reviewer rejected this call: {comment}",
+            error=(
+                f"no reviewer decided on this call in time ({comment})"
+                if expired
+                else f"a human reviewer rejected this call: {comment}"
+            ),
             finished_at=now,
         )
-        _mark(approval, Approval.Status.REJECTED, user, comment)
+        _mark(approval, _rejected(expired), user, comment)
         audit.record(
-            "approval.rejected",
+            f"approval.{_rejected(expired)}",
             run=run,
             step_index=step.index,
             by=actor,
@@ -372,6 +410,7 @@ def _answer_the_model(
     comment: str,
     user: Any,
     actor: audit.Actor,
+    expired: bool = False,
 ) -> None:
     """escalate_to_human: the reviewer's reply is the tool's result; the model goes on."""
     step = _held_step(run, approval)
@@ -383,10 +422,12 @@ def _answer_the_model(
         if output in (None, ""):
             raise DecisionError("edit needs the answer to give the agent", field="output")
         reply["answer"] = output
+    if expired:
+        reply["reviewer_decision"] = "expired"
     Step.objects.filter(pk=step.pk).update(
         status=Step.Status.SUCCEEDED, response=reply, finished_at=timezone.now()
     )
-    status = Approval.Status.REJECTED if decision == "reject" else Approval.Status.APPROVED
+    status = _rejected(expired) if decision == "reject" else Approval.Status.APPROVED
     _mark(approval, status, user, comment, approved_output=reply.get("answer"))
     audit.record(
         f"approval.{status}",
@@ -416,6 +457,7 @@ def _decide_answer(
     comment: str,
     user: Any,
     actor: audit.Actor,
+    expired: bool = False,
 ) -> None:
     from agents.engine import finish_run
 
@@ -425,22 +467,21 @@ def _decide_answer(
         "comment": comment,
     }
     if decision == "reject":
-        _mark(approval, Approval.Status.REJECTED, user, comment)
+        _mark(approval, _rejected(expired), user, comment)
         audit.record(
-            "approval.rejected", run=run, step_index=approval.step_index, by=actor, payload=payload
-        )
-        code = (
-            "budget_exceeded"
-            if approval.reason == Approval.Reason.BUDGET_EXHAUSTED
-            else "rejected_by_reviewer"
-        )
-        finish_run(
-            run,
-            Run.Status.FAILED,
-            error_code=code,
-            error=f"a reviewer rejected it: {comment}",
+            f"approval.{_rejected(expired)}",
+            run=run,
+            step_index=approval.step_index,
             by=actor,
+            payload=payload,
         )
+        if expired:
+            code, error = "review_expired", f"no reviewer decided in time ({comment})"
+        elif approval.reason == Approval.Reason.BUDGET_EXHAUSTED:
+            code, error = "budget_exceeded", f"a reviewer refused more budget: {comment}"
+        else:
+            code, error = "rejected_by_reviewer", f"a reviewer rejected it: {comment}"
+        finish_run(run, Run.Status.FAILED, error_code=code, error=error, by=actor)
         return
     if approval.reason == Approval.Reason.BUDGET_EXHAUSTED and decision == "approve":
         _mark(approval, Approval.Status.APPROVED, user, comment)
@@ -528,15 +569,14 @@ def expire_overdue(*, limit: int = 200) -> int:
                 handled += 1
                 continue
         try:
-            with transaction.atomic():
-                decide(
-                    approval_id,
-                    decision="reject",
-                    user=None,
-                    comment="no reviewer decided before the due time (expired)",
-                    system="review-sla",
-                )
-                Approval.objects.filter(pk=approval_id).update(status=Approval.Status.EXPIRED)
+            decide(
+                approval_id,
+                decision="reject",
+                user=None,
+                comment="expired: no decision before the due time",
+                system="review-sla",
+                expired=True,
+            )
         except DecisionError:
             continue
         handled += 1

@@ -230,7 +230,7 @@ def test_editing_an_agent_in_the_admin_publishes_a_version_only_on_change(
     )
     data.update(
         system_prompt="Be brief.",
-        escalation_policy='{"on_refusal": true}',
+        escalation_policy='{"min_confidence": 0.5}',
         _save="Save",
     )
     response = admin_client.post(url, data)
@@ -244,7 +244,7 @@ def test_editing_an_agent_in_the_admin_publishes_a_version_only_on_change(
         "knowledge_search": {"mode": "require_approval", "constraints": {"limit": {"max": 2}}},
     }
     assert version.system_prompt == "Be brief."
-    assert version.escalation_policy == {"on_refusal": True}
+    assert version.escalation_policy == {"min_confidence": 0.5}
     assert version.created_by == admin_user
     assert any("Published editme v2" in m for m in messages_of(response))
     assert AgentVersion.objects.get(agent=agent, number=1).system_prompt == ""

@@ -251,10 +251,11 @@ def test_overdue_approvals_are_rejected_as_expired_by_default(make_agent):
 
     approval.refresh_from_db()
     assert approval.status == Approval.Status.EXPIRED
-    event = AuditEvent.objects.get(run=run, action="approval.rejected")
+    event = AuditEvent.objects.get(run=run, action="approval.expired")
     assert event.actor == "review-sla" and "expired" in event.payload["comment"]
+    assert not AuditEvent.objects.filter(run=run, action="approval.rejected").exists()
     run = drive(run.pk)
-    assert run.status == Run.Status.SUCCEEDED and "rejected" in run.result
+    assert run.status == Run.Status.SUCCEEDED and '"reviewer_decision": "expired"' in run.result
     assert expire_overdue() == 0
 
 
@@ -275,3 +276,64 @@ def test_overdue_approvals_can_be_escalated_instead(make_agent):
     assert approval.priority == Approval.Priority.HIGH
     assert approval.due_at > timezone.now() + timedelta(minutes=29)
     assert AuditEvent.objects.filter(run=run, action="approval.escalated").count() == 1
+
+
+def test_an_expired_answer_fails_the_run_as_expired_not_rejected(make_agent):
+    agent = confident(make_agent, "no idea")
+    run = drive(submit_run(agent=agent, input="q").pk)
+    Approval.objects.filter(run=run).update(due_at=timezone.now() - timedelta(minutes=1))
+
+    assert expire_overdue() == 1
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and run.error_code == "review_expired"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        '{"answer": "x", "confidence": NaN}',
+        '{"answer": "x", "confidence": 1.5}',
+        '{"answer": "x", "confidence": true}',
+    ],
+)
+def test_a_confidence_that_is_not_a_real_0_to_1_figure_counts_as_none(make_agent, answer):
+    run = drive(submit_run(agent=confident(make_agent, answer), input="q").pk)
+    assert held(run).detail == "the model gave no confidence"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("output", {"answer": float("nan")}, "output must not contain NaN or Infinity"),
+        ("output", {"answer": "a\x00b"}, "output must not contain NUL characters"),
+        ("comment", "ok\x00", "comment must not contain NUL characters"),
+    ],
+)
+def test_a_reviewers_input_that_cannot_be_stored_is_a_decision_error(
+    make_agent, reviewer, field, value, message
+):
+    run = drive(submit_run(agent=confident(make_agent, "no idea"), input="q").pk)
+    approval = held(run)
+    kwargs = {"output": {"answer": "fine"}, "comment": "ok", field: value}
+    with pytest.raises(DecisionError) as info:
+        decide(approval.pk, decision="edit", user=reviewer, **kwargs)
+    assert str(info.value) == message and info.value.field == field
+    assert held(run).status == Approval.Status.PENDING
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"min_confidence": "0.8"}, "min_confidence is a number from 0 to 1"),
+        ({"on_budget_exhausted": "Escalate"}, "on_budget_exhausted is one of fail, escalate"),
+        ({"review_sla_minutes": 1e12}, "review_sla_minutes is a number of minutes"),
+        ({"min_confidense": 0.5}, "Unknown keys: min_confidense"),
+        ({"priorities": {"low_confidence": "asap"}}, "priorities maps a reason"),
+    ],
+)
+def test_a_mistyped_escalation_policy_is_refused_when_saving(make_agent, policy, message):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        make_agent(escalation_policy=policy)
+    assert message in str(info.value.message_dict["escalation_policy"])
