@@ -337,3 +337,56 @@ def test_a_mistyped_escalation_policy_is_refused_when_saving(make_agent, policy,
     with pytest.raises(ValidationError) as info:
         make_agent(escalation_policy=policy)
     assert message in str(info.value.message_dict["escalation_policy"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_reviewers_deciding_at_the_same_moment_get_one_success_and_one_already_decided(
+    make_agent,
+):
+    import threading
+
+    from django.db import connection
+
+    from approvals.services import AlreadyDecided
+
+    group = Group.objects.get(name="reviewers")
+    reviewers = []
+    for name in ("ann", "bob"):
+        user = User.objects.create_user(username=name, is_staff=True)
+        user.groups.add(group)
+        reviewers.append(User.objects.get(pk=user.pk))
+    agent = make_agent(grants=["escalate_to_human"], script=ASK)
+    run = drive(submit_run(agent=agent, input="help").pk)
+    approval = held(run)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def decide_as(user: User, decision: str) -> None:
+        try:
+            barrier.wait(timeout=10)
+            decide(approval.pk, decision=decision, user=user, comment=f"by {user.username}")
+            outcomes.append(f"{user.username}: decided")
+        except AlreadyDecided as exc:
+            outcomes.append(f"{user.username}: {exc}")
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=decide_as, args=(reviewers[0], "approve")),
+        threading.Thread(target=decide_as, args=(reviewers[1], "reject")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert len(outcomes) == 2, outcomes
+    assert sum(o.endswith(": decided") for o in outcomes) == 1, outcomes
+    (loser,) = [o for o in outcomes if not o.endswith(": decided")]
+    assert "already" in loser
+    approval.refresh_from_db()
+    assert approval.status in (Approval.Status.APPROVED, Approval.Status.REJECTED)
+    decided_events = AuditEvent.objects.filter(
+        run=run, action__in=("approval.approved", "approval.rejected")
+    )
+    assert decided_events.count() == 1
