@@ -1,0 +1,55 @@
+"""The database statements each engine step costs, pinned so a regression fails here.
+
+A step's work is a few short transactions; every statement is a round trip to Postgres on the
+hot path of every run. If a change adds one on purpose, update the figure and say why in the
+commit; if it removes one, lower it.
+"""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from agents import engine
+from agents.models import Run
+from agents.services import submit_run
+from tools.services import execute_tool_call
+
+SCRIPT = [
+    {"tool_calls": [{"name": "calculator", "arguments": {"expression": "1+1"}}]},
+    {"text": "{tool_results}"},
+]
+
+
+def statements(capture: CaptureQueriesContext) -> list[str]:
+    """The statements sent, without the savepoints the test's own transaction adds (in a worker
+    those are BEGIN/COMMIT of the step's transactions)."""
+    return [
+        q["sql"]
+        for q in capture.captured_queries
+        if not q["sql"].startswith(("SAVEPOINT", "RELEASE SAVEPOINT"))
+    ]
+
+
+def test_statements_per_engine_step(make_agent):
+    agent = make_agent(tools=["calculator"], script=SCRIPT)
+    run = submit_run(agent=agent, input="x")
+
+    with CaptureQueriesContext(connection) as model_turn:
+        engine.advance(run.pk)  # start the run, the model call, one tool call recorded
+    with CaptureQueriesContext(connection) as tool_call:
+        execute_tool_call(run_id=run.pk, step_index=1)
+    with CaptureQueriesContext(connection) as final_turn:
+        engine.advance(run.pk)  # the model's answer and the end of the run
+
+    assert Run.objects.get(pk=run.pk).status == Run.Status.SUCCEEDED
+    counts = {
+        "model turn with a tool call": len(statements(model_turn)),
+        "tool call": len(statements(tool_call)),
+        "final model turn": len(statements(final_turn)),
+    }
+    assert counts == {
+        "model turn with a tool call": 15,
+        "tool call": 10,
+        "final model turn": 14,
+    }, "\n\n".join(statements(model_turn) + statements(tool_call) + statements(final_turn))
