@@ -35,6 +35,7 @@ from . import audit
 from .dispatch import advance_run_on_commit, tool_call_on_commit, webhook_on_commit
 from .jsonsafe import count, json_safe
 from .models import Run, Session, Step
+from .outputs import loads_strict
 from .providers import (
     ModelRequest,
     ModelResponse,
@@ -111,6 +112,7 @@ def finish_run(
 ) -> bool:
     """End a run (succeeded, failed or cancelled), stop its pending steps and let the next run
     of its session start. Call inside a transaction holding the run's lock."""
+    was_waiting = run.status == Run.Status.WAITING_APPROVAL
     done = _transition(
         run,
         from_statuses=Run.ACTIVE_STATUSES,
@@ -130,9 +132,11 @@ def finish_run(
         run=run,
         status__in=(Step.Status.PENDING, Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL),
     ).update(status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None)
-    from approvals.services import cancel_pending_approvals
+    if was_waiting:
+        # Approvals are pending only while the run waits (it resumes when none is left).
+        from approvals.services import cancel_pending_approvals
 
-    cancel_pending_approvals(run, by=by)
+        cancel_pending_approvals(run, by=by)
     if run.webhook_url:
         Run.objects.filter(pk=run.pk).update(webhook_status="pending")
         webhook_on_commit(run.pk)
@@ -206,11 +210,6 @@ def _model_message(step: Step) -> dict[str, Any]:
     return message
 
 
-def _policy(version: Any) -> dict[str, Any]:
-    policy = version.escalation_policy
-    return policy if isinstance(policy, dict) else {}
-
-
 def _answer_instructions(version: Any) -> str:
     """What the model is told about the form of its final answer (schema, confidence)."""
     parts = []
@@ -219,7 +218,7 @@ def _answer_instructions(version: Any) -> str:
             "Your final answer must be only JSON matching this JSON Schema: "
             + json.dumps(version.output_schema, sort_keys=True)
         )
-    if _policy(version).get("min_confidence") is not None:
+    if version.policy.get("min_confidence") is not None:
         parts.append(
             "With your final answer, say how sure you are: "
             + (
@@ -310,7 +309,7 @@ def blocked_by_session(run: Run) -> bool:
 
 def _allowance(run: Run) -> int:
     """Budgets the run has: 1, plus one per budget escalation a reviewer approved."""
-    if _policy(run.agent_version).get("on_budget_exhausted") != "escalate":
+    if run.agent_version.policy.get("on_budget_exhausted") != "escalate":
         return 1
     from approvals.services import budget_allowance
 
@@ -326,7 +325,7 @@ def _budget_exhausted(run: Run, last: Step | None, message: str) -> None:
     reviewer for another budget."""
     from approvals.models import Approval
 
-    if _policy(run.agent_version).get("on_budget_exhausted") != "escalate":
+    if run.agent_version.policy.get("on_budget_exhausted") != "escalate":
         _fail(run, "budget_exceeded", message)
         return
     index = last.index if last is not None else 0
@@ -651,15 +650,11 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
             _conclude(run, step, response.text or "")
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _confidence(output: Any, text: str) -> float | None:
     value = output
     if not isinstance(value, dict):
         try:
-            value = json.loads(text, parse_constant=_no_constant)
+            value = loads_strict(text)
         except ValueError:
             return None
     confidence = value.get("confidence") if isinstance(value, dict) else None
@@ -691,7 +686,7 @@ def _conclude(run: Run, step: Step, text: str) -> None:
     from .outputs import OutputInvalid, check_output
 
     version = run.agent_version
-    policy = _policy(version)
+    policy = version.policy
     try:
         output = check_output(version.output_schema, text)
     except OutputInvalid as exc:
@@ -726,7 +721,7 @@ def _conclude(run: Run, step: Step, text: str) -> None:
     if isinstance(threshold, int | float) and not isinstance(threshold, bool):
         if not version.output_schema and isinstance(output, str):
             try:
-                parsed = json.loads(output, parse_constant=_no_constant)
+                parsed = loads_strict(output)
             except ValueError:
                 parsed = None
             output = parsed if isinstance(parsed, dict) else output

@@ -195,6 +195,11 @@ class AgentVersion(models.Model):
             raise ValidationError("Agent versions are immutable; publish a new version instead.")
         super().save(*args, **kwargs)
 
+    @property
+    def policy(self) -> dict[str, Any]:
+        """The escalation policy (validated when the agent was saved), always a dict."""
+        return self.escalation_policy if isinstance(self.escalation_policy, dict) else {}
+
     @staticmethod
     def digest_of(snapshot: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()

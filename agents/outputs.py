@@ -31,6 +31,11 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (Python accepts them; JSON and jsonb don't)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def _finite(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
@@ -52,7 +57,7 @@ def check_output(schema: dict[str, Any] | None, output: Any) -> Any:
         if text.startswith("```"):  # models like to fence JSON
             text = text.strip("`").removeprefix("json").strip()
         try:
-            value = json.loads(text, parse_constant=_no_constant)
+            value = loads_strict(text)
         except ValueError:
             raise OutputInvalid("the answer is not JSON") from None
     if not _finite(value):

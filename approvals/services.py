@@ -107,13 +107,10 @@ def _context(run: Run) -> dict[str, Any]:
     }
 
 
-def _policy(run: Run) -> dict[str, Any]:
-    policy = run.agent_version.escalation_policy
-    return policy if isinstance(policy, dict) else {}
-
-
 def _sla(run: Run) -> timedelta:
-    minutes = _policy(run).get("review_sla_minutes", settings.AGENTSITE_REVIEW_SLA_MINUTES)
+    minutes = run.agent_version.policy.get(
+        "review_sla_minutes", settings.AGENTSITE_REVIEW_SLA_MINUTES
+    )
     try:
         return timedelta(minutes=min(max(1.0, float(minutes)), MAX_SLA_MINUTES))
     except (TypeError, ValueError, OverflowError):
@@ -121,7 +118,7 @@ def _sla(run: Run) -> timedelta:
 
 
 def _priority(run: Run, reason: str) -> int:
-    policy = _policy(run)
+    policy = run.agent_version.policy
     by_reason = policy.get("priorities") if isinstance(policy.get("priorities"), dict) else {}
     name = (by_reason or {}).get(reason) or policy.get("priority") or "normal"
     return PRIORITY_NAMES.get(str(name), Approval.Priority.NORMAL)
@@ -551,7 +548,7 @@ def expire_overdue(*, limit: int = 200) -> int:
             if approval.status != Approval.Status.PENDING or not approval.is_overdue:
                 continue
             actor = audit.Actor.system("review-sla")
-            if _policy(run).get("on_expiry") == "escalate":
+            if run.agent_version.policy.get("on_expiry") == "escalate":
                 priority = min(approval.priority + 1, Approval.Priority.URGENT)
                 due = now + _sla(run)
                 Approval.objects.filter(pk=approval.pk).update(priority=priority, due_at=due)

@@ -43,7 +43,13 @@ class ToolOutcome:
 
 def _claim(run_id: UUID | str, step_index: int) -> Step | None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().filter(pk=run_id).first()
+        run = (
+            # of=("self",): lock the run, not the agent version every run shares.
+            Run.objects.select_for_update(of=("self",))
+            .select_related("agent_version")
+            .filter(pk=run_id)
+            .first()
+        )
         if run is None:
             return None
         step = Step.objects.filter(run=run, index=step_index, kind=Step.Kind.TOOL).first()
@@ -82,6 +88,7 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             )
             advance_run_on_commit(run.pk)
             return None
+        lease = now + timedelta(seconds=_lease_seconds(step.tool_name))
         claimed = Step.objects.filter(
             pk=step.pk, status=step.status, attempts=step.attempts
         ).update(
@@ -89,11 +96,13 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             attempts=F("attempts") + 1,
             started_at=now,
             not_before=None,
-            lease_expires_at=now + timedelta(seconds=_lease_seconds(step.tool_name)),
+            lease_expires_at=lease,
         )
         if not claimed:
             return None
-        step.refresh_from_db()
+        # What the conditional UPDATE wrote, without reading the row back.
+        step.status, step.attempts, step.started_at = Step.Status.RUNNING, step.attempts + 1, now
+        step.not_before, step.lease_expires_at, step.run = None, lease, run
         if step.attempts > 1:
             audit.record(
                 "tool_call.attempt",
@@ -140,7 +149,7 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     if spec is None:
         _record(step, error=f"tool {step.tool_name!r} is no longer installed", latency_ms=0)
         return ToolOutcome()
-    run = Run.objects.select_related("agent_version").get(pk=step.run_id)
+    run = step.run  # loaded with its version by the claim
     arguments = step.request.get("arguments")
     verdict = policy.authorize(run, spec.name, arguments)
     if verdict.refusal:

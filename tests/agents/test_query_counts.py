@@ -50,6 +50,6 @@ def test_statements_per_engine_step(make_agent):
     }
     assert counts == {
         "model turn with a tool call": 15,
-        "tool call": 10,
-        "final model turn": 14,
+        "tool call": 8,
+        "final model turn": 13,
     }, "\n\n".join(statements(model_turn) + statements(tool_call) + statements(final_turn))
