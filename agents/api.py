@@ -13,7 +13,7 @@ from drf_spectacular.utils import (
     extend_schema_view,
 )
 from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
+from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -27,6 +27,7 @@ from .serializers import (
     RunFilterSerializer,
     RunSerializer,
     StepSerializer,
+    WhoAmISerializer,
 )
 
 EVENTS_PAGE = 500
@@ -177,6 +178,20 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                 "last_event_id": events[-1].id if events else after,
             }
         )
+
+
+@extend_schema(responses={200: WhoAmISerializer, 401: ERROR_RESPONSES[401]})
+@api_view(["GET"])
+def whoami(request: Request) -> Response:
+    """Who the caller is: the user and, with an API key, the key (never its secret). A cheap way
+    for a client to check its key, and the trivial endpoint the API benchmark compares with."""
+    key = request.auth if isinstance(request.auth, ApiKey) else None
+    return Response(
+        {
+            "user": request.user.get_username(),
+            "key": {"prefix": key.prefix, "name": key.name} if key is not None else None,
+        }
+    )
 
 
 def parse_after(value: str | None) -> int | None:

@@ -300,6 +300,16 @@ class EventPageSerializer(serializers.Serializer):
     last_event_id = serializers.IntegerField(allow_null=True)
 
 
+class ApiKeyInfoSerializer(serializers.Serializer):
+    prefix = serializers.CharField()
+    name = serializers.CharField()
+
+
+class WhoAmISerializer(serializers.Serializer):
+    user = serializers.CharField()
+    key = ApiKeyInfoSerializer(allow_null=True)
+
+
 class RunFilterSerializer(StrictSerializer):
     format = serializers.CharField(required=False)  # DRF's ?format= (the browsable API's links)
     status = serializers.ChoiceField(choices=Run.Status.choices, required=False)

@@ -4,7 +4,7 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from agents.api import AgentViewSet, RunViewSet
+from agents.api import AgentViewSet, RunViewSet, whoami
 from agents.events import run_events_view
 from approvals.api import ApprovalViewSet
 
@@ -29,6 +29,7 @@ urlpatterns = [
         run_events_view,
         name="run-events-stream",
     ),
+    path("api/v1/whoami/", whoami, name="whoami"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

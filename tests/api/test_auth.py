@@ -271,3 +271,19 @@ def test_create_api_key_with_bad_arguments_raises_command_error(db, args, option
 def test_create_api_key_without_a_username_raises_command_error(db):
     with pytest.raises(CommandError):
         create_key()
+
+
+def test_whoami_names_the_user_and_key_never_the_secret(client_a):
+    response = client_a.get("/api/v1/whoami/")
+    assert response.status_code == 200
+    assert response.json() == {
+        "user": "alice-api",
+        "key": {"prefix": client_a.api_key.prefix, "name": "tests"},
+    }
+    assert client_a.plain_key not in response.content.decode()
+
+
+def test_whoami_without_a_key_answers_401(db):
+    response = APIClient().get("/api/v1/whoami/")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "not_authenticated"
