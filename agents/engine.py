@@ -29,6 +29,7 @@ from django.db import DatabaseError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from agentsite.pools import release_connection, soft_time_limit
 from tools import policy
 
 from . import audit
@@ -109,9 +110,13 @@ def finish_run(
     error_code: str = "",
     error: str = "",
     by: audit.Actor = audit.ENGINE,
+    open_steps: bool = True,
 ) -> bool:
     """End a run (succeeded, failed or cancelled), stop its pending steps and let the next run
-    of its session start. Call inside a transaction holding the run's lock."""
+    of its session start. Call inside a transaction holding the run's lock.
+
+    ``open_steps=False`` says the caller knows no step is pending or running (the model's final
+    answer was just recorded, after every earlier step had finished), sparing a statement."""
     was_waiting = run.status == Run.Status.WAITING_APPROVAL
     done = _transition(
         run,
@@ -127,11 +132,12 @@ def finish_run(
     )
     if not done:
         return False
-    # A step still running finishes on its worker, but its result will not be recorded.
-    Step.objects.filter(
-        run=run,
-        status__in=(Step.Status.PENDING, Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL),
-    ).update(status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None)
+    if open_steps:
+        # A step still running finishes on its worker, but its result will not be recorded.
+        Step.objects.filter(
+            run=run,
+            status__in=(Step.Status.PENDING, Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL),
+        ).update(status=Step.Status.CANCELLED, finished_at=_now(), lease_expires_at=None)
     if was_waiting:
         # Approvals are pending only while the run waits (it resumes when none is left).
         from approvals.services import cancel_pending_approvals
@@ -506,16 +512,18 @@ def advance(run_id: UUID | str) -> Outcome:
     started = time.monotonic()
     try:
         provider, model = resolve_route(run.model_route)
-        response = provider.complete(
-            ModelRequest(
-                model=model,
-                messages=plan.messages,
-                tools=plan.tools,
-                temperature=version.temperature,
-                script=version.script,
-                attempt=step.attempts,
+        release_connection()  # no connection is pinned while the model thinks
+        with soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"):
+            response = provider.complete(
+                ModelRequest(
+                    model=model,
+                    messages=plan.messages,
+                    tools=plan.tools,
+                    temperature=version.temperature,
+                    script=version.script,
+                    attempt=step.attempts,
+                )
             )
-        )
     except SoftTimeLimitExceeded:
         return _model_step_failed(
             step,
@@ -625,7 +633,9 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
             output_tokens=F("output_tokens") + response.output_tokens,
             updated_at=_now(),
         )
-        run.refresh_from_db(fields=["input_tokens", "output_tokens", "status"])
+        # The row is locked by us since it was read: its totals are what we just added to.
+        run.input_tokens += response.input_tokens
+        run.output_tokens += response.output_tokens
         audit.record(
             "step.succeeded" if run.status == Run.Status.RUNNING else "step.discarded",
             run=run,
@@ -740,7 +750,9 @@ def _conclude(run: Run, step: Step, text: str) -> None:
                 output=json_safe(output),
             )
             return
-    finish_run(run, Run.Status.SUCCEEDED, result=json_safe(output))
+    # The model's answer ends its turn, and a turn is asked for only when every earlier step
+    # has finished: nothing is left to cancel.
+    finish_run(run, Run.Status.SUCCEEDED, result=json_safe(output), open_steps=False)
 
 
 def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> None:

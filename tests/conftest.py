@@ -121,11 +121,53 @@ def _test_database_url() -> str:
     return urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))
 
 
+# The pool the test worker runs: the one production runs (gevent), unless a run of the suite
+# asks for another (AGENTSITE_TEST_WORKER_POOL=prefork checks the engine under prefork).
+TEST_WORKER_POOL = os.environ.get("AGENTSITE_TEST_WORKER_POOL", "gevent")
+
+
 class WorkerProcess:
-    def __init__(self, process: subprocess.Popen[bytes], name: str, log: Path) -> None:
-        self.process = process
+    def __init__(
+        self, command: list[str], env: dict[str, str], name: str, log: Path, pool: str
+    ) -> None:
+        self.command = command
+        self.env = env
         self.name = name
         self.log = log
+        self.pool = pool
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            return subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> None:
+        from agentsite.celery import app
+
+        process = self.process
+        poll(
+            lambda: (
+                process.poll() is not None or app.control.ping(destination=[self.name], timeout=0.5)
+            ),
+            timeout=60,
+            what="the Celery worker to answer a ping",
+        )
+        if process.poll() is not None:
+            pytest.fail(f"the Celery worker exited at start:\n{self.log_tail()}")
+
+    def restart(self) -> None:
+        """Start the worker again after a test killed it (same name, queues and settings)."""
+        if self.process.poll() is None:
+            stop_process(self.process, grace=30)
+        self.process = self._spawn()
+        self.wait_ready()
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -150,8 +192,6 @@ def celery_worker(
         pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
     import redis
 
-    from agentsite.celery import app
-
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()  # no messages from earlier runs
     name = f"pytest-{os.getpid()}@{socket.gethostname()}"
     log = tmp_path_factory.mktemp("worker") / "worker.log"
@@ -170,46 +210,37 @@ def celery_worker(
         "AGENTSITE_TOOL_LEASE_MARGIN": "1",
         "AGENTSITE_BREAKER_FAILURES": "3",
         "AGENTSITE_BREAKER_COOLDOWN": "2",
+        # Fewer connections than calls in flight: a step must not pin one while it waits.
+        "AGENTSITE_DB_POOL_MAX": "5",
         **WEBHOOK_ENV,
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "agentsite",
-                "worker",
-                "-Q",
-                "models,tools,maintenance,default",
-                "--concurrency",
-                "4",
-                "--loglevel",
-                "INFO",
-                "-n",
-                name,
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    worker = WorkerProcess(process, name, log)
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "agentsite",
+        "worker",
+        "-P",
+        TEST_WORKER_POOL,
+        "-Q",
+        "models,tools,maintenance,default",
+        "--concurrency",
+        "100" if TEST_WORKER_POOL == "gevent" else "4",
+        "--loglevel",
+        "INFO",
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    log.write_bytes(b"")
+    worker = WorkerProcess(command, env, name, log, TEST_WORKER_POOL)
     try:
-        poll(
-            lambda: process.poll() is not None or app.control.ping(destination=[name], timeout=0.5),
-            timeout=60,
-            what="the Celery worker to answer a ping",
-        )
-        if process.poll() is not None:
-            pytest.fail(f"the Celery worker exited at start:\n{worker.log_tail()}")
+        worker.wait_ready()
         yield worker
     finally:
-        stop_process(process, grace=30)
+        stop_process(worker.process, grace=30)
 
 
 @pytest.fixture

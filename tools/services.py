@@ -27,6 +27,7 @@ from agents.dispatch import advance_run_on_commit
 from agents.engine import backoff_seconds
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
+from agentsite.pools import release_connection, soft_time_limit
 from approvals.models import Approval, action_digest
 
 from . import breaker, policy
@@ -43,18 +44,17 @@ class ToolOutcome:
 
 def _claim(run_id: UUID | str, step_index: int) -> Step | None:
     with transaction.atomic():
-        run = (
-            # of=("self",): lock the run, not the agent version every run shares.
-            Run.objects.select_for_update(of=("self",))
-            .select_related("agent_version")
-            .filter(pk=run_id)
+        # The step with its run and version in one statement, locking the run's row only (not
+        # the step's, nor the agent version every run shares).
+        step = (
+            Step.objects.select_for_update(of=("run",))
+            .select_related("run__agent_version")
+            .filter(run_id=run_id, index=step_index, kind=Step.Kind.TOOL)
             .first()
         )
-        if run is None:
-            return None
-        step = Step.objects.filter(run=run, index=step_index, kind=Step.Kind.TOOL).first()
         if step is None or step.status not in (Step.Status.PENDING, Step.Status.RUNNING):
             return None  # done, or held for a reviewer: a stray message must not run it
+        run = step.run
         if run.is_final:
             Step.objects.filter(pk=step.pk, status=Step.Status.PENDING).update(
                 status=Step.Status.CANCELLED, finished_at=timezone.now()
@@ -102,7 +102,7 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             return None
         # What the conditional UPDATE wrote, without reading the row back.
         step.status, step.attempts, step.started_at = Step.Status.RUNNING, step.attempts + 1, now
-        step.not_before, step.lease_expires_at, step.run = None, lease, run
+        step.not_before, step.lease_expires_at = None, lease
         if step.attempts > 1:
             audit.record(
                 "tool_call.attempt",
@@ -182,7 +182,9 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     transient: Exception | None = None
     try:
         args = spec.validate(step.request.get("arguments"))
-        result = _jsonable(spec.func(args, ctx))
+        release_connection()  # a tool that needs the database takes a connection again
+        with soft_time_limit(spec.timeout, f"tool {spec.name}"):
+            result = _jsonable(spec.func(args, ctx))
     except (
         TransientToolError,
         SoftTimeLimitExceeded,
@@ -281,7 +283,12 @@ def _record(
     audit_action: str = "",
 ) -> None:
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=step.run_id)
+        # Only what is read here: the run's input and result can be large JSON.
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .only("status", "trace_id", "agent_id")
+            .get(pk=step.run_id)
+        )
         if refused:
             status = Step.Status.REFUSED
         else:

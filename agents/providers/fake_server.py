@@ -405,7 +405,15 @@ class _Handler(BaseHTTPRequestHandler):
 
         fake = self.server.fake
         behaviour, should_fail = fake._record(model, body)
+        fake._enter(model)
+        try:
+            self._answer(model, messages, behaviour, should_fail)
+        finally:
+            fake._leave(model)
 
+    def _answer(
+        self, model: str, messages: list[Any], behaviour: dict[str, Any], should_fail: bool
+    ) -> None:
         latency = behaviour["latency_ms"]
         if latency:
             time.sleep(latency / 1000.0)
@@ -509,6 +517,9 @@ class FakeOpenAIServer:
         self._counts: dict[str, int] = {}
         self._fail_first_served: dict[str, int] = {}
         self._requests: list[tuple[str, dict[str, Any]]] = []
+        # Requests being answered now, and the most at once, per model (concurrency tests).
+        self._in_flight: dict[str, int] = {}
+        self._peak: dict[str, int] = {}
         self._connections: set[socket.socket] = set()
         self._rng = random.Random()
         self._httpd: _Server | None = None
@@ -615,6 +626,7 @@ class FakeOpenAIServer:
             self._counts.clear()
             self._fail_first_served.clear()
             self._requests.clear()
+            self._peak.clear()
 
     # -- introspection --------------------------------------------------------------------
 
@@ -623,6 +635,21 @@ class FakeOpenAIServer:
         """A copy of the ``(model, parsed body)`` pairs received on /v1/chat/completions."""
         with self._lock:
             return copy.deepcopy(self._requests)
+
+    def peak_in_flight(self, model: str) -> int:
+        """The most chat-completions requests for ``model`` answered at the same time."""
+        with self._lock:
+            return self._peak.get(model, 0)
+
+    def _enter(self, model: str) -> None:
+        with self._lock:
+            now = self._in_flight.get(model, 0) + 1
+            self._in_flight[model] = now
+            self._peak[model] = max(now, self._peak.get(model, 0))
+
+    def _leave(self, model: str) -> None:
+        with self._lock:
+            self._in_flight[model] = self._in_flight.get(model, 1) - 1
 
     def count(self, model: str) -> int:
         """How many chat-completions requests were received for ``model``."""

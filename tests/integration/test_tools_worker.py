@@ -183,6 +183,12 @@ def test_a_worker_killed_mid_side_effect_leaves_exactly_one_outbox_row(
     pid = int(Path(marker).read_text())
     assert OutboxMessage.objects.filter(run_id=run.pk).count() == 1
     os.kill(pid, signal.SIGKILL)
+    if pid == celery_worker.process.pid:
+        # A gevent worker runs its tasks in its own process: the whole worker died (prefork
+        # loses only a child). Its unacknowledged message waits in Redis for the visibility
+        # timeout; the reconciler must not.
+        celery_worker.process.wait()
+        celery_worker.restart()
 
     # The lost call is taken over once its lease expires (the reconciler, as beat would run
     # it, re-dispatches it with the same idempotency key).

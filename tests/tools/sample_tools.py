@@ -37,3 +37,18 @@ def slow_notify(args: SlowNotifyArgs, ctx: ToolContext) -> dict[str, Any]:
         Path(args.marker).write_text(str(os.getpid()))
         time.sleep(30)
     return {"outbox_id": message.pk, "duplicate": not created, "attempt": ctx.attempt}
+
+
+class DawdleArgs(BaseModel):
+    seconds: float = Field(ge=0, le=30)
+
+
+@tool(
+    name="dawdle",
+    description="Test tool: waits the given seconds, longer than its 1 s time limit allows.",
+    timeout=1,
+    retries=0,
+)
+def dawdle(args: DawdleArgs, ctx: ToolContext) -> dict[str, Any]:
+    time.sleep(args.seconds)  # cooperative under gevent; interrupted by the soft limit
+    return {"slept": args.seconds}

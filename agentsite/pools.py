@@ -1,0 +1,54 @@
+"""What the engine needs from the Celery pool it runs in.
+
+Workers run the gevent pool (README, Performance): a model or tool call is a greenlet waiting on
+a socket, so one process holds hundreds in flight. Two things prefork gave for free need care:
+
+* Soft time limits. Prefork delivers ``SoftTimeLimitExceeded`` with a signal; gevent's pool
+  only enforces the hard limit (a ``gevent.Timeout`` that ends the task with no chance to clean
+  up). :func:`soft_time_limit` raises ``SoftTimeLimitExceeded`` in the greenlet itself, so the
+  engine records a timed-out call exactly as under prefork. Under prefork (or outside a worker)
+  it does nothing: the signal, if any, does the job.
+* Database connections. A task that keeps its connection while it waits 500 ms on a model pins
+  one of the pool's few connections for nothing; :func:`release_connection` hands it back to
+  Django's connection pool before the wait (the next query takes one again, in microseconds).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import connection
+
+
+def green() -> bool:
+    """True in a process gevent has monkey-patched (``celery worker -P gevent``)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey is not None and monkey.is_module_patched("socket"))
+
+
+@contextmanager
+def soft_time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise ``SoftTimeLimitExceeded`` inside the block after ``seconds`` (gevent only)."""
+    if not green() or seconds <= 0:
+        yield
+        return
+    import gevent
+
+    with gevent.Timeout(seconds, SoftTimeLimitExceeded(f"{what} exceeded {seconds:g}s")):
+        yield
+
+
+def release_connection() -> None:
+    """Return this task's database connection to the pool before waiting on the network.
+
+    Only with Django's connection pool and outside a transaction: closing an unpooled
+    connection would cost a reconnect, and closing inside ``atomic`` would break it.
+    """
+    if connection.connection is None or connection.in_atomic_block:
+        return
+    if not connection.settings_dict.get("OPTIONS", {}).get("pool"):
+        return
+    connection.close()
