@@ -49,9 +49,15 @@ def version_grants(version: AgentVersion) -> dict[str, dict[str, Any]]:
 
 
 def live_grants(agent_id: int) -> dict[str, ToolGrant]:
-    return {
-        g.tool.name: g for g in ToolGrant.objects.filter(agent_id=agent_id).select_related("tool")
-    }
+    """The agent's grants now, with the two catalogue fields the policy reads (this runs on
+    every model turn and tool call: the catalogue's JSON schema is not fetched or parsed)."""
+    grants = (
+        ToolGrant.objects.filter(agent_id=agent_id)
+        .select_related("tool")
+        .only("mode", "constraints", "tool__name", "tool__enabled")
+        .order_by()
+    )
+    return {g.tool.name: g for g in grants}
 
 
 def offered_tools(run: Run) -> list[ToolSpec]:

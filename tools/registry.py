@@ -6,6 +6,8 @@ is validated before execution are the same thing.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -28,6 +30,15 @@ class TransientToolError(ToolError):
 class ToolArgumentsInvalid(ToolError):
     """The model's arguments do not validate against the tool's args model or its grant's
     constraints."""
+
+
+@functools.cache
+def _parameters_schema(args_model: type[BaseModel]) -> dict[str, Any]:
+    """An args model's JSON schema, built once (pydantic takes a fraction of a millisecond per
+    call, and the engine shows every granted tool to the model on every turn)."""
+    schema = args_model.model_json_schema()
+    schema.pop("title", None)
+    return schema
 
 
 RISKS = ("low", "medium", "high")
@@ -70,9 +81,7 @@ class ToolSpec:
     default_mode: str = "allow"
 
     def parameters_schema(self) -> dict[str, Any]:
-        schema = self.args_model.model_json_schema()
-        schema.pop("title", None)
-        return schema
+        return copy.deepcopy(_parameters_schema(self.args_model))
 
     def openai_schema(self) -> dict[str, Any]:
         return {

@@ -49,7 +49,7 @@ def test_statements_per_engine_step(make_agent):
         "final model turn": len(statements(final_turn)),
     }
     assert counts == {
-        "model turn with a tool call": 15,
-        "tool call": 8,
-        "final model turn": 13,
+        "model turn with a tool call": 14,
+        "tool call": 7,
+        "final model turn": 11,
     }, "\n\n".join(statements(model_turn) + statements(tool_call) + statements(final_turn))
