@@ -413,7 +413,6 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         "httpx": {"level": "WARNING"},
-        "openai": {"level": "WARNING"},
     },
 }
 

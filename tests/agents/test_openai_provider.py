@@ -337,8 +337,16 @@ def test_the_api_key_is_sent_as_a_bearer_token(fake_openai):
     from agents.providers.openai_compat import _client
 
     client = _client(fake_openai.base_url, API_KEY, 2)
-    assert client.api_key == API_KEY
-    assert client.max_retries == 0
+    assert client.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert str(client.base_url) == fake_openai.base_url.rstrip("/") + "/"
+
+
+def test_a_query_in_the_base_url_goes_with_every_request():
+    from agents.providers.openai_compat import _client
+
+    client = _client("https://example.test/openai/v1?api-version=2024-06-01", "k", 2)
+    url = client.build_request("POST", "chat/completions").url
+    assert str(url) == "https://example.test/openai/v1/chat/completions?api-version=2024-06-01"
 
 
 # --- parse_chat_completion on hand-written bodies --------------------------------------------
