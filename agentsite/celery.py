@@ -1,11 +1,39 @@
 """The Celery application, configured from Django settings (``CELERY_*``)."""
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
 app = Celery("agentsite")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def pool_problem(pool: str, database_engine: str, broker_url: str) -> str:
+    """Why this pool cannot run on this database and broker, or "" if it can."""
+    if "gevent" not in pool and "eventlet" not in pool:
+        return ""
+    if database_engine.endswith("sqlite3"):
+        return (
+            "the gevent pool needs Postgres: SQLite waits for its lock inside C code, which "
+            "stops every greenlet of the worker (set DATABASE_URL, or run -P prefork)"
+        )
+    if broker_url.startswith("filesystem"):
+        return "the gevent pool needs a Redis broker (set CELERY_BROKER_URL, or run -P prefork)"
+    return ""
+
+
+@worker_init.connect
+def _check_pool(sender: Any = None, **kwargs: Any) -> None:
+    from django.conf import settings
+
+    pool = sender.pool_cls if isinstance(sender.pool_cls, str) else sender.pool_cls.__module__
+    problem = pool_problem(
+        pool, settings.DATABASES["default"]["ENGINE"], settings.CELERY_BROKER_URL
+    )
+    if problem:
+        raise SystemExit(f"agentsite: {problem}")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from celery.app.defaults import DEFAULTS
 from django.conf import settings
 
@@ -23,7 +24,9 @@ def test_the_celery_app_is_configured_for_reliability():
     conf = app.conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
-    assert conf.worker_prefetch_multiplier == 1
+    # Few reserved messages per slot: enough to keep a gevent pool fed (with one, a full pool
+    # stalls the consumer until its next poll), few enough that a dead worker holds little.
+    assert 1 <= conf.worker_prefetch_multiplier <= 2
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_soft_time_limit < conf.task_time_limit
     if conf.broker_url.startswith("redis"):
@@ -82,3 +85,19 @@ def test_providers_are_read_from_the_environment():
     assert result.stdout.strip() == (
         "[('api_key', 'k'), ('base_url', 'http://127.0.0.1:8080/v1'), ('timeout', '7')]"
     )
+
+
+@pytest.mark.parametrize(
+    ("pool", "engine", "broker", "expected"),
+    [
+        ("celery.concurrency.gevent", "django.db.backends.sqlite3", "redis://x", "needs Postgres"),
+        ("gevent", "django.db.backends.postgresql", "filesystem://", "needs a Redis broker"),
+        ("gevent", "django.db.backends.postgresql", "redis://x", ""),
+        ("prefork", "django.db.backends.sqlite3", "filesystem://", ""),
+    ],
+)
+def test_a_gevent_worker_refuses_sqlite_and_the_filesystem_broker(pool, engine, broker, expected):
+    from agentsite.celery import pool_problem
+
+    problem = pool_problem(pool, engine, broker)
+    assert (expected in problem) if expected else problem == ""
