@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentsite
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps
+.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps bench
 
 help:
 	@echo "make demo   - install, migrate, seed and run the demo agents on a real worker"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint   - ruff (lint + format check) and mypy"
 	@echo "make up     - web server, worker, beat and Flower for local use"
 	@echo "make browser-deps - Debian's chromium for the browser test (apt-get, as root)"
+	@echo "make bench  - the benchmark suite (BENCH_ARGS=--quick for a short run; see bench/README.md)"
 
 venv: $(STAMP)
 
@@ -63,8 +64,19 @@ lint: venv
 	$(BIN)/ruff format --check .
 	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals
 
+# The benchmark suite, never part of `make test`: its own database (agentsite_bench) and Redis
+# DB (13), real worker/web/beat processes. `make bench BENCH_ARGS="--quick"`; `--help` for flags.
+bench: venv services
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The worker runs gevent on Postgres + Redis (as deployed); on the embedded SQLite default it
+# runs two prefork children, since gevent cannot wait on SQLite's lock (the worker says so).
 up: migrate
-	DEBUG=$${DEBUG:-1} PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	@if [[ "$${DATABASE_URL:-}" == postgres* && "$${CELERY_BROKER_URL:-}" == redis* ]]; then \
+	  pool=gevent; concurrency=$${WORKER_CONCURRENCY:-200}; \
+	else pool=prefork; concurrency=2; fi; \
+	DEBUG=$${DEBUG:-1} WORKER_POOL=$$pool WORKER_CONCURRENCY=$$concurrency \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 fake-openai: venv
 	$(BIN)/python -m agents.providers.fake_server --port 8765
