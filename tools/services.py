@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit
-from agents.engine import backoff_seconds
+from agents.engine import backoff_seconds, mark_progress
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 from agentsite.pools import release_connection, soft_time_limit
@@ -286,7 +286,7 @@ def _record(
         # Only what is read here: the run's input and result can be large JSON.
         run = (
             Run.objects.select_for_update(of=("self",))
-            .only("status", "trace_id", "agent_id")
+            .only("status", "trace_id", "agent_id", "updated_at")
             .get(pk=step.run_id)
         )
         if refused:
@@ -307,7 +307,7 @@ def _record(
         )
         if not recorded:
             return
-        Run.objects.filter(pk=run.pk).update(updated_at=timezone.now())
+        mark_progress(run)
         outcome = "refused" if refused else "failed" if error else "succeeded"
         audit.record(
             audit_action or f"tool_call.{outcome}",

@@ -49,7 +49,36 @@ def test_statements_per_engine_step(make_agent):
         "final model turn": len(statements(final_turn)),
     }
     assert counts == {
-        "model turn with a tool call": 14,
-        "tool call": 7,
-        "final model turn": 11,
+        "model turn with a tool call": 13,
+        "tool call": 6,
+        "final model turn": 10,
     }, "\n\n".join(statements(model_turn) + statements(tool_call) + statements(final_turn))
+
+
+def test_a_step_marks_progress_only_on_a_run_not_touched_lately(make_agent, settings):
+    """The reconciler nudges runs whose updated_at is old: a step must refresh a stale one, and
+    may skip the statement on a fresh one."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.AGENTSITE_STALLED_AFTER = 60
+    agent = make_agent(tools=["calculator"], script=SCRIPT)
+    run = submit_run(agent=agent, input="x")
+    engine.advance(run.pk)
+    stale = timezone.now() - timedelta(seconds=20)  # older than a quarter of 60 s
+    Run.objects.filter(pk=run.pk).update(updated_at=stale)
+
+    execute_tool_call(run_id=run.pk, step_index=1)
+    touched = Run.objects.get(pk=run.pk).updated_at
+    assert touched > stale + timedelta(seconds=19)
+
+    fresh = timezone.now() - timedelta(seconds=5)
+    Run.objects.filter(pk=run.pk).update(updated_at=fresh)
+    with CaptureQueriesContext(connection) as final_turn:
+        engine.advance(run.pk)
+    assert Run.objects.get(pk=run.pk).status == Run.Status.SUCCEEDED
+    assert not any(
+        q["sql"].startswith('UPDATE "agents_run" SET "updated_at"')
+        for q in final_turn.captured_queries
+    )
