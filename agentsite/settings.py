@@ -120,7 +120,11 @@ TEMPLATES = [
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    _db = dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)
+    _db = dj_database_url.parse(
+        DATABASE_URL,
+        conn_max_age=0,
+        conn_health_checks=env_bool("AGENTSITE_DB_HEALTH_CHECKS", True),
+    )
     if _db["ENGINE"] == "django.db.backends.postgresql":
         _db["OPTIONS"] = {
             **_db.get("OPTIONS", {}),
