@@ -38,6 +38,9 @@ from .base import (
 # of calls in flight in one gevent worker that scan showed up in profiles. A few clients per
 # provider, taken in turn, keep each pool small.
 CLIENTS_PER_PROVIDER = 8
+# Sockets per client (so per provider and process: 8 x 256); a call over the limit waits.
+MAX_CONNECTIONS_PER_CLIENT = 256
+USER_AGENT = "agentsite (OpenAI-compatible chat completions over httpx)"
 _clients: dict[tuple[str, str, float], Iterator[httpx.Client]] = {}
 _clients_lock = threading.Lock()
 _TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
@@ -50,7 +53,11 @@ def _client(base_url: str, api_key: str, timeout: float) -> httpx.Client:
     with _clients_lock:
         clients = _clients.get(key)
         if clients is None:
-            headers = {"Authorization": f"Bearer {api_key or 'not-needed'}"}
+            headers = {
+                "Authorization": f"Bearer {api_key or 'not-needed'}",
+                "Accept": "application/json",
+                "User-Agent": USER_AGENT,
+            }
             # A query in the base URL (Azure's api-version=...) goes with every request.
             parts = urlsplit(base_url)
             root = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", query=""))
@@ -61,7 +68,12 @@ def _client(base_url: str, api_key: str, timeout: float) -> httpx.Client:
                         params=parts.query or None,
                         headers=headers,
                         timeout=timeout,
-                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                        # As the SDK did: a server moved behind a redirect still answers.
+                        follow_redirects=True,
+                        limits=httpx.Limits(
+                            max_connections=MAX_CONNECTIONS_PER_CLIENT,
+                            max_keepalive_connections=64,
+                        ),
                     )
                     for _ in range(CLIENTS_PER_PROVIDER)
                 ]

@@ -341,6 +341,41 @@ def test_the_api_key_is_sent_as_a_bearer_token(fake_openai):
     assert str(client.base_url) == fake_openai.base_url.rstrip("/") + "/"
 
 
+def test_a_redirected_endpoint_is_followed(fake_openai):
+    """A base URL that answers with a redirect (a server moved, http -> https) still works, as
+    it did through the openai SDK; the POST is repeated at the new place (307/308)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    target = fake_openai.base_url.rstrip("/")
+
+    class Moved(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.send_response(308)
+            self.send_header("Location", target + self.path.removeprefix("/old"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Moved)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        model = unique_model()
+        provider = OpenAICompatibleProvider(
+            name="moved",
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/old",
+            api_key=API_KEY,
+            timeout=5,
+        )
+        response = provider.complete(request(model))
+        assert response.text and fake_openai.count(model) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_query_in_the_base_url_goes_with_every_request():
     from agents.providers.openai_compat import _client
 
