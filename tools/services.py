@@ -44,10 +44,11 @@ class ToolOutcome:
 
 def _claim(run_id: UUID | str, step_index: int) -> Step | None:
     with transaction.atomic():
-        # The step with its run and version in one statement, locking the run's row only (not
-        # the step's, nor the agent version every run shares).
+        # The step with its run and version in one statement, locking the step's and the run's
+        # rows (not the agent version every run shares). Both: after waiting for a lock,
+        # Postgres re-reads only the rows it locks, and the step must be read as it is now.
         step = (
-            Step.objects.select_for_update(of=("run",))
+            Step.objects.select_for_update(of=("self", "run"))
             .select_related("run__agent_version")
             .filter(run_id=run_id, index=step_index, kind=Step.Kind.TOOL)
             .first()
