@@ -10,6 +10,8 @@ from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
+from agentsite.pools import connections_returned_if_killed
+
 from . import engine, reconciler, webhooks
 from .dispatch import advance_run_on_commit
 
@@ -41,7 +43,8 @@ def advance_run(self: object, run_id: str) -> None:
     except ValueError:
         logger.error("advance_run: rejected malformed run id %r", run_id)
         return
-    outcome = engine.advance(run_id)
+    with connections_returned_if_killed():
+        outcome = engine.advance(run_id)
     if outcome.retry_in is not None:
         advance_run_on_commit(run_id, countdown=outcome.retry_in)
 

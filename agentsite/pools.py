@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import connection
+from django.db import connection, connections
 
 
 def green() -> bool:
@@ -52,3 +52,16 @@ def release_connection() -> None:
     if not connection.settings_dict.get("OPTIONS", {}).get("pool"):
         return
     connection.close()
+
+
+@contextmanager
+def connections_returned_if_killed() -> Iterator[None]:
+    """Wrap a task body: if it is killed (gevent's hard time limit raises ``gevent.Timeout``, a
+    BaseException after which Celery runs no ``task_postrun``), its database connections go back
+    to the pool instead of being lost with the greenlet, which would shrink the pool for good."""
+    try:
+        yield
+    except BaseException:
+        for conn in connections.all(initialized_only=True):
+            conn.close()
+        raise

@@ -9,6 +9,7 @@ from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
 from agents.dispatch import tool_call_on_commit
+from agentsite.pools import connections_returned_if_killed
 
 from . import services
 
@@ -35,7 +36,8 @@ def execute_tool_call(run_id: str, step_index: int) -> None:
     except (TypeError, ValueError):
         logger.error("execute_tool_call: rejected malformed arguments %r %r", run_id, step_index)
         return
-    outcome = services.execute_tool_call(run_id=run_id, step_index=step_index)
+    with connections_returned_if_killed():
+        outcome = services.execute_tool_call(run_id=run_id, step_index=step_index)
     if outcome.retry_in is not None:
         tool_call_on_commit(run_id, step_index, timeout=outcome.timeout, countdown=outcome.retry_in)
 
