@@ -73,9 +73,9 @@ bench: venv services
 # runs two prefork children, since gevent cannot wait on SQLite's lock (the worker says so).
 up: migrate
 	@if [[ "$${DATABASE_URL:-}" == postgres* && "$${CELERY_BROKER_URL:-}" == redis* ]]; then \
-	  pool=gevent; concurrency=$${WORKER_CONCURRENCY:-200}; \
-	else pool=prefork; concurrency=2; fi; \
-	DEBUG=$${DEBUG:-1} WORKER_POOL=$$pool WORKER_CONCURRENCY=$$concurrency \
+	  pool=gevent; concurrency=$${WORKER_CONCURRENCY:-200}; prefetch=2; \
+	else pool=prefork; concurrency=2; prefetch=1; fi; \
+	DEBUG=$${DEBUG:-1} WORKER_POOL=$$pool WORKER_CONCURRENCY=$$concurrency WORKER_PREFETCH=$$prefetch \
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 fake-openai: venv

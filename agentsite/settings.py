@@ -131,7 +131,7 @@ if DATABASE_URL:
             "pool": {
                 "min_size": env_int("AGENTSITE_DB_POOL_MIN", 1),
                 "max_size": env_int("AGENTSITE_DB_POOL_MAX", 20),
-                "timeout": env_float("AGENTSITE_DB_POOL_TIMEOUT", 10.0),
+                "timeout": env_float("AGENTSITE_DB_POOL_TIMEOUT", 30.0),
             },
         }
         _db["TEST"] = {"NAME": os.environ.get("AGENTSITE_TEST_DB_NAME") or None}
@@ -265,10 +265,11 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
-# Messages a worker reserves per pool slot. The gevent worker needs more than one: with exactly
-# one per slot, a full pool stops the consumer until its next poll (up to 2 s), and a 500 ms
-# task then waits longer for its slot than it runs (bench: 230 vs 620 waiting tasks/s).
-CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("AGENTSITE_PREFETCH_MULTIPLIER", 2)
+# Messages a worker reserves per pool slot: 1, so a prefork child busy in a long call holds no
+# second message. A gevent worker is started with --prefetch-multiplier 2 (Procfile, compose):
+# with exactly one per slot a full pool stops its consumer until the next poll (up to 2 s), and
+# a 500 ms task waits longer for its slot than it runs (bench: 230 vs 620 waiting tasks/s).
+CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("AGENTSITE_PREFETCH_MULTIPLIER", 1)
 CELERY_TASK_SOFT_TIME_LIMIT = AGENTSITE_STEP_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = AGENTSITE_STEP_HARD_TIME_LIMIT
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

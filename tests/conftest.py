@@ -227,6 +227,8 @@ def celery_worker(
         "models,tools,maintenance,default",
         "--concurrency",
         "100" if TEST_WORKER_POOL == "gevent" else "4",
+        "--prefetch-multiplier",
+        "2" if TEST_WORKER_POOL == "gevent" else "1",
         "--loglevel",
         "INFO",
         "-n",
