@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +46,8 @@ def record(
     step_index: int | None = None,
     by: Actor = ENGINE,
     payload: dict[str, Any] | None = None,
-) -> AuditEvent:
-    return AuditEvent.objects.create(
+) -> None:
+    event = AuditEvent(
         action=action,
         run=run,
         step_index=step_index,
@@ -53,3 +56,31 @@ def record(
         trace_id=run.trace_id if run is not None else "",
         payload=payload or {},
     )
+    pending = getattr(_batch, "events", None)
+    if pending is not None:
+        pending.append(event)
+    else:
+        event.save()
+
+
+# Per thread, hence per greenlet under gevent's monkey patching.
+_batch = threading.local()
+
+
+@contextmanager
+def batched() -> Iterator[None]:
+    """Write the events recorded in the block as one INSERT when it ends, in order. Use it just
+    inside the ``transaction.atomic()`` of the change, so they commit (or roll back) with it;
+    a step that records two or three events spares the round trips. Nested blocks join the
+    outermost one; an exception discards the events with the transaction."""
+    if getattr(_batch, "events", None) is not None:
+        yield
+        return
+    _batch.events = []
+    try:
+        yield
+        events = _batch.events
+    finally:
+        _batch.events = None
+    if events:
+        AuditEvent.objects.bulk_create(events)

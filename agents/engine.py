@@ -387,7 +387,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
 
     Returns None when there is nothing for this caller to do.
     """
-    with transaction.atomic():
+    with transaction.atomic(), audit.batched():
         run = (
             # of=("self",): lock the run only, not the shared version row that every new run
             # of the agent references (that made submissions wait on workers, and deadlock).
@@ -568,7 +568,7 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
         str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
     )
     max_attempts = settings.AGENTSITE_STEP_MAX_ATTEMPTS
-    with transaction.atomic():
+    with transaction.atomic(), audit.batched():
         run = Run.objects.select_for_update().get(pk=step.run_id)
         if run.status != Run.Status.RUNNING:  # cancelled meanwhile: no retry, no failure
             Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
@@ -615,7 +615,7 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
 
 
 def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -> None:
-    with transaction.atomic():
+    with transaction.atomic(), audit.batched():
         run = (
             Run.objects.select_for_update(of=("self",))
             .select_related("agent_version")

@@ -43,7 +43,7 @@ class ToolOutcome:
 
 
 def _claim(run_id: UUID | str, step_index: int) -> Step | None:
-    with transaction.atomic():
+    with transaction.atomic(), audit.batched():
         # The step with its run and version in one statement, locking the step's and the run's
         # rows (not the agent version every run shares). Both: after waiting for a lock,
         # Postgres re-reads only the rows it locks, and the step must be read as it is now.
@@ -219,7 +219,7 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     )
     if step.attempts <= spec.retries:
         delay = backoff_seconds(step.attempts)
-        with transaction.atomic():
+        with transaction.atomic(), audit.batched():
             run = Run.objects.select_for_update().get(pk=step.run_id)
             released = Step.objects.filter(
                 pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
@@ -283,7 +283,7 @@ def _record(
     refused: bool = False,
     audit_action: str = "",
 ) -> None:
-    with transaction.atomic():
+    with transaction.atomic(), audit.batched():
         # Only what is read here: the run's input and result can be large JSON.
         run = (
             Run.objects.select_for_update(of=("self",))

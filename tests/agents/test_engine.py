@@ -321,6 +321,29 @@ def test_audit_events_are_append_only(make_agent):
         event.delete()
 
 
+def test_batched_audit_events_are_written_in_order_with_their_transaction(make_agent):
+    from django.db import transaction
+
+    from agents import audit
+
+    run = submit_run(agent=make_agent(script=[{"text": "x"}]), input="hi")
+    before = AuditEvent.objects.filter(run=run).count()
+    with transaction.atomic(), audit.batched():
+        audit.record("test.first", run=run)
+        with audit.batched():  # a nested block joins the outer one
+            audit.record("test.second", run=run, payload={"n": 2})
+        assert AuditEvent.objects.filter(run=run).count() == before  # not written yet
+    actions = list(AuditEvent.objects.filter(run=run).values_list("action", flat=True))
+    assert actions[before:] == ["test.first", "test.second"]
+
+    with pytest.raises(RuntimeError), transaction.atomic(), audit.batched():
+        audit.record("test.rolled_back", run=run)
+        raise RuntimeError("the change fails")
+    assert not AuditEvent.objects.filter(run=run, action="test.rolled_back").exists()
+    audit.record("test.unbatched", run=run)  # the failed block left no buffer behind
+    assert AuditEvent.objects.filter(run=run, action="test.unbatched").exists()
+
+
 def test_a_tool_call_whose_worker_dies_every_time_fails_instead_of_repeating(make_agent):
     from tools.services import _claim
 

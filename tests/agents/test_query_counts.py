@@ -49,9 +49,9 @@ def test_statements_per_engine_step(make_agent):
         "final model turn": len(statements(final_turn)),
     }
     assert counts == {
-        "model turn with a tool call": 13,
+        "model turn with a tool call": 12,
         "tool call": 6,
-        "final model turn": 10,
+        "final model turn": 9,
     }, "\n\n".join(statements(model_turn) + statements(tool_call) + statements(final_turn))
 
 
