@@ -27,6 +27,30 @@ def pool_problem(pool: str, database_engine: str, broker_url: str) -> str:
     return ""
 
 
+def eviction_problem(policy: str | None) -> str:
+    """Why this Redis ``maxmemory-policy`` loses work, or "" if it does not."""
+    if policy is None or policy == "noeviction":
+        return ""
+    return (
+        f"Redis maxmemory-policy is {policy!r}: when Redis fills up it would evict queued tasks "
+        "and rate-limit and circuit-breaker keys without a word; set it to noeviction (then a "
+        "full Redis refuses writes, which fail loudly and are retried)"
+    )
+
+
+def redis_eviction_policy(url: str) -> str | None:
+    """The Redis server's ``maxmemory-policy``, or None if it cannot be read (down, or CONFIG
+    disabled as on some managed services)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        value = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError:
+        return None
+    return str(value) if value is not None else None
+
+
 @worker_init.connect
 def _check_pool(sender: Any = None, **kwargs: Any) -> None:
     from django.conf import settings
@@ -35,5 +59,7 @@ def _check_pool(sender: Any = None, **kwargs: Any) -> None:
     problem = pool_problem(
         pool, settings.DATABASES["default"]["ENGINE"], settings.CELERY_BROKER_URL
     )
+    if not problem and settings.CELERY_BROKER_URL.startswith("redis"):
+        problem = eviction_problem(redis_eviction_policy(settings.CELERY_BROKER_URL))
     if problem:
         raise SystemExit(f"agentsite: {problem}")

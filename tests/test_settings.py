@@ -100,3 +100,25 @@ def test_a_gevent_worker_refuses_sqlite_and_the_filesystem_broker(pool, engine, 
 
     problem = pool_problem(pool, engine, broker)
     assert (expected in problem) if expected else problem == ""
+
+
+@pytest.mark.parametrize(
+    ("policy", "refused"),
+    [("noeviction", False), (None, False), ("allkeys-lru", True), ("volatile-ttl", True)],
+)
+def test_a_worker_refuses_a_redis_that_evicts(policy, refused):
+    from agentsite.celery import eviction_problem
+
+    problem = eviction_problem(policy)
+    assert bool(problem) is refused
+    if refused:
+        assert policy in problem and "noeviction" in problem
+
+
+def test_the_eviction_policy_is_read_from_the_real_redis():
+    from agentsite.celery import redis_eviction_policy
+
+    if not settings.CELERY_BROKER_URL.startswith("redis"):
+        pytest.skip("needs the Redis broker: run with `make test`")
+    assert redis_eviction_policy(settings.CELERY_BROKER_URL) == "noeviction"
+    assert redis_eviction_policy("redis://127.0.0.1:1/0") is None  # nothing listens there
