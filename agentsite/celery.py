@@ -45,7 +45,8 @@ def redis_eviction_policy(url: str) -> str | None:
 
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        value = client.config_get("maxmemory-policy").get("maxmemory-policy")
+        reply: Any = client.config_get("maxmemory-policy")
+        value = reply.get("maxmemory-policy")
     except redis.RedisError:
         return None
     return str(value) if value is not None else None
