@@ -134,8 +134,8 @@ class OpenAICompatibleProvider:
 
     def _scrub(self, text: str) -> str:
         """Remove the API key (and anything shaped like one) from a server's words."""
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
+        if len(self._api_key) >= 6:  # a shorter "key" (local servers take any) is no secret,
+            text = text.replace(self._api_key, "***")  # and would mangle every word
         return _TOKEN_LIKE.sub("***", text)
 
     def complete(self, request: ModelRequest) -> ModelResponse:

@@ -376,6 +376,13 @@ def test_a_redirected_endpoint_is_followed(fake_openai):
         server.server_close()
 
 
+def test_a_placeholder_key_does_not_mangle_the_servers_words():
+    from agents.providers.openai_compat import OpenAICompatibleProvider
+
+    provider = OpenAICompatibleProvider(name="p", base_url="http://x", api_key="k", timeout=1)
+    assert provider._scrub("Fake error: bad request") == "Fake error: bad request"
+
+
 def test_a_query_in_the_base_url_goes_with_every_request():
     from agents.providers.openai_compat import _client
 
