@@ -12,7 +12,7 @@ from django.http import HttpRequest
 from tools.models import ToolGrant
 
 from . import services
-from .exceptions import RunAlreadyFinished
+from .exceptions import RunAlreadyFinished, RunNotRetryable
 from .models import Agent, AgentVersion, ApiKey, AuditEvent, ModelProvider, Run, Session, Step
 
 
@@ -182,7 +182,7 @@ class RunAdmin(admin.ModelAdmin):
     list_select_related = ["agent", "owner"]
     date_hierarchy = "created_at"
     inlines = [StepInline]
-    actions = ["cancel_runs"]
+    actions = ["cancel_runs", "retry_runs"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -211,6 +211,26 @@ class RunAdmin(admin.ModelAdmin):
             except RunAlreadyFinished:
                 skipped += 1
         self.message_user(request, f"Cancelled {cancelled} runs; {skipped} had already finished.")
+
+    @admin.action(
+        description="Retry the selected failed runs (from the failed step)", permissions=["change"]
+    )
+    def retry_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        retried = 0
+        refused: list[str] = []
+        for run_id in queryset.values_list("pk", flat=True):
+            try:
+                services.retry_run(run_id=run_id, user=request.user)  # type: ignore[arg-type]
+                retried += 1
+            except RunNotRetryable as exc:
+                refused.append(str(exc))
+        self.message_user(request, f"Retried {retried} runs from their failed step.")
+        for reason in refused[:10]:
+            self.message_user(request, f"Not retried: {reason}", level=messages.WARNING)
+        if len(refused) > 10:
+            self.message_user(
+                request, f"… and {len(refused) - 10} more not retried.", level=messages.WARNING
+            )
 
 
 @admin.register(Step)

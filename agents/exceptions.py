@@ -25,6 +25,10 @@ class RunAlreadyFinished(AgentsError):
     code = "run_already_finished"
 
 
+class RunNotRetryable(AgentsError):
+    code = "run_not_retryable"
+
+
 class IdempotencyConflict(AgentsError):
     code = "idempotency_conflict"
 

@@ -22,6 +22,7 @@ from .exceptions import (
     IdempotencyConflict,
     InvalidRunInput,
     RunAlreadyFinished,
+    RunNotRetryable,
     SessionBusy,
     TooManyActiveRuns,
 )
@@ -319,6 +320,67 @@ def cancel_run(*, run_id: UUID | str, user: User | None = None) -> Run:
             error="cancelled by " + (user.get_username() if user else "an operator"),
             by=Actor.user(user, otherwise="operator"),
         )
+    return run
+
+
+def retry_run(*, run_id: UUID | str, user: User | None = None) -> Run:
+    """Retry a failed run from the step that failed, not from scratch (the dead-letter action).
+
+    The failed model step goes back to pending with a fresh set of attempts, the run to
+    running, and a worker takes it; every step that succeeded before stays as it was. Audited
+    as ``run.retried`` with the error it had. Raises RunNotRetryable for a run that did not
+    fail, failed on no step (a budget or a policy: it would fail again the same way), or whose
+    session has moved on to a later run.
+    """
+    from .models import Step
+
+    with transaction.atomic(), audit.batched():
+        run = Run.objects.select_for_update().get(pk=run_id)
+        if run.status != Run.Status.FAILED:
+            raise RunNotRetryable(f"run {run.pk} is {run.status}: only failed runs are retried")
+        last = run.steps.order_by("-index").first()
+        if last is None or last.kind != Step.Kind.MODEL or last.status != Step.Status.FAILED:
+            raise RunNotRetryable(
+                f"run {run.pk} failed on {run.error_code or 'its policy'}, not on a step: "
+                "a retry would fail the same way"
+            )
+        if (
+            run.session_id is not None
+            and Run.objects.filter(session_id=run.session_id, created_at__gt=run.created_at)
+            .exclude(status=Run.Status.QUEUED)
+            .exists()
+        ):
+            raise RunNotRetryable(
+                f"run {run.pk}: a later run of its session has started since; retrying it "
+                "would answer out of order"
+            )
+        Step.objects.filter(pk=last.pk).update(
+            status=Step.Status.PENDING,
+            attempts=0,
+            error="",
+            not_before=None,
+            lease_expires_at=None,
+            started_at=None,
+            finished_at=None,
+        )
+        previous = {"error_code": run.error_code, "error": run.error, "step_index": last.index}
+        Run.objects.filter(pk=run.pk).update(
+            status=Run.Status.RUNNING,
+            error_code="",
+            error="",
+            result=None,
+            finished_at=None,
+            updated_at=timezone.now(),
+        )
+        run.refresh_from_db()
+        audit.record(
+            "run.retried",
+            run=run,
+            step_index=last.index,
+            by=Actor.user(user, otherwise="operator"),
+            payload=previous,
+        )
+        advance_run_on_commit(run.pk)
     return run
 
 
