@@ -161,6 +161,36 @@ def finish_run(
     return True
 
 
+def reopen_failed_run(run: Run, *, step: Step, by: audit.Actor) -> bool:
+    """A failed run goes back to running from ``step`` (its failed model step, which gets fresh
+    attempts); the error it had is kept in the audit event. Under the run's lock."""
+    previous = {"error_code": run.error_code, "error": run.error, "step_index": step.index}
+    Step.objects.filter(pk=step.pk).update(
+        status=Step.Status.PENDING,
+        attempts=0,
+        error="",
+        not_before=None,
+        lease_expires_at=None,
+        started_at=None,
+        finished_at=None,
+    )
+    reopened = _transition(
+        run,
+        from_statuses=(Run.Status.FAILED,),
+        to=Run.Status.RUNNING,
+        action="run.retried",
+        by=by,
+        payload=previous,
+        error_code="",
+        error="",
+        result=None,
+        finished_at=None,
+    )
+    if reopened:
+        advance_run_on_commit(run.pk)
+    return reopened
+
+
 def resume_after_review(run: Run, *, by: audit.Actor) -> bool:
     """A run whose held calls are all decided goes back to running. Under the run's lock."""
     return _transition(

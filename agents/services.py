@@ -332,6 +332,7 @@ def retry_run(*, run_id: UUID | str, user: User | None = None) -> Run:
     fail, failed on no step (a budget or a policy: it would fail again the same way), or whose
     session has moved on to a later run.
     """
+    from .engine import reopen_failed_run
     from .models import Step
 
     with transaction.atomic(), audit.batched():
@@ -354,33 +355,7 @@ def retry_run(*, run_id: UUID | str, user: User | None = None) -> Run:
                 f"run {run.pk}: a later run of its session has started since; retrying it "
                 "would answer out of order"
             )
-        Step.objects.filter(pk=last.pk).update(
-            status=Step.Status.PENDING,
-            attempts=0,
-            error="",
-            not_before=None,
-            lease_expires_at=None,
-            started_at=None,
-            finished_at=None,
-        )
-        previous = {"error_code": run.error_code, "error": run.error, "step_index": last.index}
-        Run.objects.filter(pk=run.pk).update(
-            status=Run.Status.RUNNING,
-            error_code="",
-            error="",
-            result=None,
-            finished_at=None,
-            updated_at=timezone.now(),
-        )
-        run.refresh_from_db()
-        audit.record(
-            "run.retried",
-            run=run,
-            step_index=last.index,
-            by=Actor.user(user, otherwise="operator"),
-            payload=previous,
-        )
-        advance_run_on_commit(run.pk)
+        reopen_failed_run(run, step=last, by=Actor.user(user, otherwise="operator"))
     return run
 
 

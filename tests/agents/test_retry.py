@@ -59,7 +59,7 @@ def test_a_failed_run_is_retried_from_its_failed_step(fake_openai, fake_agent, a
     assert Step.objects.filter(run=run).count() == 3
     assert fake_openai.count(model) == 3  # turn 1, the failed turn 2, its retry
     event = AuditEvent.objects.get(run=run, action="run.retried")
-    assert (event.actor_type, event.actor, event.step_index) == ("user", "admin", 2)
+    assert (event.actor_type, event.actor, event.payload["step_index"]) == ("user", "admin", 2)
     assert event.payload["error_code"] == "provider_error"
     assert "HTTP 400" in event.payload["error"]
 
@@ -100,3 +100,19 @@ def test_the_admin_retries_failed_runs_and_says_why_others_were_not(
     # Dead letters are found by their error: the run list filters by error code.
     page = admin_client.get("/admin/agents/run/", {"error_code": "provider_error"})
     assert page.status_code == 200 and str(failed.pk) not in page.content.decode()
+
+
+def test_a_session_run_is_not_retried_once_a_later_run_has_started(make_agent):
+    from agents.services import start_session
+
+    agent = make_agent(script=[{"text": "{input}", "fail": "permanent", "fail_attempts": 1}])
+    session = start_session(agent=agent)
+    first = submit_run(agent=agent, input="one", session=session)
+    second = submit_run(agent=agent, input="two", session=session)
+    assert drive(first.pk).status == Run.Status.FAILED
+    engine.advance(second.pk)  # the session moves on to its next run
+    assert Run.objects.get(pk=second.pk).status != Run.Status.QUEUED
+
+    with pytest.raises(RunNotRetryable, match="later run of its session"):
+        retry_run(run_id=first.pk)
+    assert Run.objects.get(pk=first.pk).status == Run.Status.FAILED
