@@ -191,6 +191,25 @@ def reopen_failed_run(run: Run, *, step: Step, by: audit.Actor) -> bool:
     return reopened
 
 
+def fail_after_crash(run_id: UUID | str, *, task: str, exc: BaseException) -> bool:
+    """End a run whose task failed for good on something that is neither a provider, a tool
+    nor the database (a bug, or data the engine cannot handle): a poison message. Retrying it
+    would fail the same way, and the reconciler would nudge it forever. Returns True if the
+    run was active and is now failed."""
+    message = json_safe(f"{task} failed: {type(exc).__name__}: {exc}")[:2000]
+    with transaction.atomic(), audit.batched():
+        run = Run.objects.select_for_update(of=("self",)).filter(pk=run_id).first()
+        if run is None or run.is_final:
+            return False
+        return finish_run(
+            run,
+            Run.Status.FAILED,
+            error_code="internal_error",
+            error=message,
+            by=audit.Actor.system("worker"),
+        )
+
+
 def resume_after_review(run: Run, *, by: audit.Actor) -> bool:
     """A run whose held calls are all decided goes back to running. Under the run's lock."""
     return _transition(

@@ -6,9 +6,13 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from celery import shared_task
+from billiard.exceptions import Terminated, WorkerLostError
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 
 from agentsite.pools import connections_returned_if_killed
 
@@ -20,10 +24,55 @@ logger = logging.getLogger(__name__)
 # Database outages are retried by Celery (the state is in Postgres, so retrying is safe);
 # provider and tool failures are retried by the engine, which counts attempts in Postgres.
 DB_ERRORS = (OperationalError, InterfaceError)
+# Failures of the infrastructure or of the worker, not of the message: the run's state in
+# Postgres is intact, and the step's lease (or the reconciler, once the service is back)
+# resumes it.
+NOT_POISON = (
+    *DB_ERRORS,
+    RedisError,
+    BrokerError,
+    TimeLimitExceeded,
+    SoftTimeLimitExceeded,
+    WorkerLostError,
+    Terminated,
+)
+
+
+class StepTask(Task):  # type: ignore[misc]
+    """A task that performs a step of a run (its first argument is the run id).
+
+    When it fails for good (its retries spent, or an error it does not retry), the run ends
+    ``failed`` with the reason, rather than staying active for the reconciler to nudge into the
+    same failure forever. Failures of Postgres, Redis or the worker itself are left to the
+    leases and the reconciler, which resume the run once the service is back.
+    """
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        run_id = (args[0] if args else None) or (kwargs or {}).get("run_id")
+        if isinstance(exc, NOT_POISON):
+            logger.error(
+                "%s for run %s failed (%s: %s); the run is left to the reconciler",
+                self.name,
+                run_id,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        try:
+            UUID(str(run_id))
+            failed = engine.fail_after_crash(str(run_id), task=self.name, exc=exc)
+        except Exception:
+            logger.exception("%s: could not fail run %s after its task failed", self.name, run_id)
+            return
+        if failed:
+            logger.error("%s: run %s failed: %s: %s", self.name, run_id, type(exc).__name__, exc)
 
 
 @shared_task(
     name="agents.advance_run",
+    base=StepTask,
     bind=True,
     acks_late=True,
     autoretry_for=DB_ERRORS,

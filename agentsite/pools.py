@@ -61,6 +61,8 @@ def connections_returned_if_killed() -> Iterator[None]:
     to the pool instead of being lost with the greenlet, which would shrink the pool for good."""
     try:
         yield
+    except Exception:
+        raise  # an ordinary failure: Celery's task_postrun handling still runs
     except BaseException:
         for conn in connections.all(initialized_only=True):
             conn.close()

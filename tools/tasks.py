@@ -9,6 +9,7 @@ from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
 from agents.dispatch import tool_call_on_commit
+from agents.tasks import StepTask
 from agentsite.pools import connections_returned_if_killed
 
 from . import services
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 @shared_task(
     name="tools.execute_tool_call",
+    base=StepTask,
     acks_late=True,
     autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=True,
