@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -36,6 +37,8 @@ DOMAIN_FIELD: dict[type[domain.AgentsError], str] = {
 }
 # Seconds a client should wait before submitting again when over its cap of unfinished runs.
 ACTIVE_RUNS_RETRY_AFTER = 5
+# Seconds a client should wait before retrying while the database is unreachable.
+UNAVAILABLE_RETRY_AFTER = 2
 
 
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,6 +74,15 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
             error_body(exc.code, str(exc), {field: [str(exc)]} if field else None),
             status=code,
             headers=headers,
+        )
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database is unreachable (restarting, failing over): nothing was accepted, and
+        # the same request (with the same Idempotency-Key) can be sent again.
+        logger.warning("database unavailable in %s: %s", context.get("view"), exc)
+        return Response(
+            error_body("unavailable", "The service is briefly unavailable; retry shortly."),
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
