@@ -25,11 +25,11 @@ from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, OperationalError, transaction
+from django.db import DatabaseError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from agentsite.pools import release_connection, soft_time_limit
+from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from tools import policy
 
 from . import audit
@@ -598,15 +598,11 @@ def advance(run_id: UUID | str) -> Outcome:
         logger.exception("model step %s of run %s crashed", step.index, run.pk)
         return _model_step_failed(step, exc)
     latency_ms = int((time.monotonic() - started) * 1000)
-    # The answer is paid for: ride out a short database blip rather than throw it away.
-    for attempt in range(3):
-        try:
-            _record_model_answer(step, response, latency_ms)
-            break
-        except OperationalError:
-            if attempt == 2:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+    # The answer is paid for: ride out a database outage rather than throw it away.
+    ride_out_outage(
+        lambda: _record_model_answer(step, response, latency_ms),
+        f"recording step {step.index} of run {run.pk}",
+    )
     return Outcome()
 
 

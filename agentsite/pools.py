@@ -15,12 +15,22 @@ a socket, so one process holds hundreds in flight. Two things prefork gave for f
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import connection, connections
+from django.db import InterfaceError, OperationalError, connection, connections
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+# Waits between tries of a write that must not be thrown away (15.5 s in all): longer than a
+# Postgres restart or a fail-over usually takes.
+RIDE_OUT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def green() -> bool:
@@ -67,3 +77,20 @@ def connections_returned_if_killed() -> Iterator[None]:
         for conn in connections.all(initialized_only=True):
             conn.close()
         raise
+
+
+def ride_out_outage(write: Callable[[], T], what: str) -> T:
+    """Run ``write`` (its own transaction), trying again through a short database outage.
+
+    For results already paid for (a model's answer, a tool's effect): a failed write would
+    leave the step claimed until its lease expires and then redo it. Each retry takes a fresh
+    connection. Must be called outside any transaction. The last failure is raised.
+    """
+    for delay in RIDE_OUT_DELAYS:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("%s: database unavailable (%s); retrying in %gs", what, exc, delay)
+            connection.close()
+            time.sleep(delay)
+    return write()

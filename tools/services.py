@@ -27,7 +27,7 @@ from agents.dispatch import advance_run_on_commit
 from agents.engine import backoff_seconds, mark_progress
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
-from agentsite.pools import release_connection, soft_time_limit
+from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from approvals.models import Approval, action_digest
 
 from . import breaker, policy
@@ -282,6 +282,29 @@ def _record(
     latency_ms: int,
     refused: bool = False,
     audit_action: str = "",
+) -> None:
+    """Record the call's outcome (riding out a database outage: the tool has acted)."""
+    ride_out_outage(
+        lambda: _record_once(
+            step,
+            result=result,
+            error=error,
+            latency_ms=latency_ms,
+            refused=refused,
+            audit_action=audit_action,
+        ),
+        f"recording tool step {step.index} of run {step.run_id}",
+    )
+
+
+def _record_once(
+    step: Step,
+    *,
+    result: Any,
+    error: str,
+    latency_ms: int,
+    refused: bool,
+    audit_action: str,
 ) -> None:
     with transaction.atomic(), audit.batched():
         # Only what is read here: the run's input and result can be large JSON.
