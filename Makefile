@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentsite
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps bench
+.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps bench chaos
 
 help:
 	@echo "make demo   - install, migrate, seed and run the demo agents on a real worker"
@@ -18,6 +18,7 @@ help:
 	@echo "make up     - web server, worker, beat and Flower for local use"
 	@echo "make browser-deps - Debian's chromium for the browser test (apt-get, as root)"
 	@echo "make bench  - the benchmark suite (BENCH_ARGS=--quick for a short run; see bench/README.md)"
+	@echo "make chaos  - the fault-injection suite: kills workers, restarts Redis and Postgres (CHAOS_ARGS=--help)"
 
 venv: $(STAMP)
 
@@ -63,6 +64,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals
+
+# The fault-injection suite (about 2 minutes): a Postgres and a Redis of its own (it restarts
+# them), real workers/beat/API, faults while runs are submitted. `make chaos CHAOS_ARGS=--help`.
+chaos: venv
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
 
 # The benchmark suite, never part of `make test`: its own database (agentsite_bench) and Redis
 # DB (13), real worker/web/beat processes. `make bench BENCH_ARGS="--quick"`; `--help` for flags.
