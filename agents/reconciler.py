@@ -30,8 +30,10 @@ def reconcile_stalled_runs(*, limit: int = 500) -> int:
     A run waiting for a reviewer is not advanced, but its calls that are not held (allowed, or
     already approved) are re-sent if their message was lost or their worker died.
 
-    Safe to run anywhere and concurrently: a nudge is idempotent. Runs whose current step is held
-    by a live worker (unexpired lease) are left alone. Returns the number of runs nudged.
+    Safe to run anywhere and concurrently: each run is re-checked under its row lock (a run locked
+    by another reconciler or a worker is skipped, one nudged meanwhile is fresh again), and a
+    nudge is idempotent anyway. Runs whose current step is held by a live worker (unexpired
+    lease) are left alone. Returns the number of runs nudged.
     """
     now = timezone.now()
     cutoff = now - timedelta(seconds=settings.AGENTSITE_STALLED_AFTER)
@@ -54,7 +56,13 @@ def reconcile_stalled_runs(*, limit: int = 500) -> int:
     nudged = 0
     for run_id in stalled:
         with transaction.atomic():
-            run = Run.objects.filter(pk=run_id).first()
+            # Another reconciler (beat on several hosts) or a worker holding the run skips it;
+            # re-checked under the lock, a run nudged or moved meanwhile is left alone.
+            run = (
+                Run.objects.select_for_update(skip_locked=True, of=("self",))
+                .filter(pk=run_id, updated_at__lt=cutoff, status__in=Run.ACTIVE_STATUSES)
+                .first()
+            )
             if run is None:
                 continue
             open_steps = list(
