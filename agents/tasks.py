@@ -7,13 +7,14 @@ from typing import Any
 from uuid import UUID
 
 from billiard.exceptions import Terminated, WorkerLostError
-from celery import Task, shared_task
+from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
+from agentsite.celery import CheckedTask
 from agentsite.pools import connections_returned_if_killed
 
 from . import engine, reconciler, webhooks
@@ -38,7 +39,7 @@ NOT_POISON = (
 )
 
 
-class StepTask(Task):  # type: ignore[misc]
+class StepTask(CheckedTask):  # type: ignore[misc]
     """A task that performs a step of a run (its first argument is the run id).
 
     When it fails for good (its retries spent, or an error it does not retry), the run ends
@@ -62,6 +63,9 @@ class StepTask(Task):  # type: ignore[misc]
             return
         try:
             UUID(str(run_id))
+        except ValueError:
+            return  # no run to fail: the message was malformed (logged by the task)
+        try:
             failed = engine.fail_after_crash(str(run_id), task=self.name, exc=exc)
         except Exception:
             logger.exception("%s: could not fail run %s after its task failed", self.name, run_id)

@@ -3,12 +3,57 @@
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
+from celery.exceptions import InvalidTaskError
 from celery.signals import worker_init
+from celery.worker.request import Request
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
-app = Celery("agentsite")
+
+def body_problem(payload: Any) -> str:
+    """What is wrong with a task message's decoded body, or "" if it has the shape Celery's
+    protocol 2 gives it: ``[args (list), kwargs (dict), embed (dict or null)]``."""
+    if not isinstance(payload, list | tuple) or len(payload) != 3:
+        return f"the body is a {type(payload).__name__}, not [args, kwargs, embed]"
+    args, kwargs, embed = payload
+    if not isinstance(args, list | tuple):
+        return f"args is a {type(args).__name__}, not a list"
+    if not isinstance(kwargs, dict):
+        return f"kwargs is a {type(kwargs).__name__}, not an object"
+    if embed is not None and not isinstance(embed, dict):
+        return f"embed is a {type(embed).__name__}, not an object"
+    return ""
+
+
+class CheckedRequest(Request):  # type: ignore[misc]
+    """A task request that refuses a malformed message body before Celery unpacks it.
+
+    Celery unpacks the body in ``Request.__init__``, outside its handling of invalid messages: a
+    body that is not the triple kills the worker (and every worker that takes the message
+    after it), and an ``embed`` that is not a mapping kills the gevent greenlet with the
+    message never acked. Raising ``InvalidTaskError`` here makes the consumer log
+    "Received invalid task message" and drop it, like a body that is not JSON."""
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        body = kwargs.get("body")
+        payload = body if kwargs.get("decoded") else message.payload
+        problem = body_problem(payload)
+        if problem:
+            headers = kwargs.get("headers") or message.headers or {}
+            raise InvalidTaskError(
+                f"malformed task message {headers.get('id')} ({headers.get('task')}): {problem}"
+            )
+        super().__init__(message, *args, **kwargs)
+
+
+class CheckedTask(Task):  # type: ignore[misc]
+    """Every task of the project: its messages are checked by ``CheckedRequest``."""
+
+    Request = "agentsite.celery:CheckedRequest"
+
+
+app = Celery("agentsite", task_cls=CheckedTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
