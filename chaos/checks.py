@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .scenario import PROVIDER_TIMEOUT
+
 if TYPE_CHECKING:
     from .suite import Suite
 
@@ -77,6 +79,7 @@ def check(suite: Suite) -> Report:
     # 2. None failed, or was cancelled, that should not have been.
     wrongly_failed = 0
     expected_failures = 0
+    provider_failures = 0
     for rid, entry in accepted.items():
         run = runs.get(rid)
         if run is None or not run.is_final:
@@ -84,6 +87,8 @@ def check(suite: Suite) -> Report:
         if run.status == Run.Status.FAILED:
             if entry.kind == "nonsense" and run.error_code == "provider_invalid_response":
                 expected_failures += 1
+            elif injected_on_every_attempt(run):
+                provider_failures += 1
             else:
                 wrongly_failed += 1
                 report.violate(
@@ -183,6 +188,7 @@ def check(suite: Suite) -> Report:
         "runs_accepted": len(accepted),
         "statuses": dict(statuses),
         "expected_failures": expected_failures,
+        "failed_on_injected_faults": provider_failures,
         "wrongly_failed": wrongly_failed,
         "lost": len(lost),
         "cancelled_by_client": sum(1 for e in accepted.values() if e.cancel_status == 202),
@@ -203,6 +209,36 @@ def check(suite: Suite) -> Report:
         "quiesced_after_s": suite.quiesced_after,
     }
     return report
+
+
+# What the provider's errors say when the suite injected them (500, 429, a slow answer).
+INJECTED = ("injected by the fake server", f"timed out after {PROVIDER_TIMEOUT}s")
+
+
+def injected_on_every_attempt(run: Any) -> bool:
+    """A run that gave up on a model step every attempt of which met an injected fault: the
+    retry policy did its job (4 attempts), the faults outlasted it (its attempts can fall in
+    several fault windows when lost messages delay them). Anything else is unexplained."""
+    from django.conf import settings
+
+    from agents.models import AuditEvent
+
+    if run.error_code != "provider_unavailable":
+        return False
+    failed = AuditEvent.objects.filter(run=run, action="step.failed").order_by("-id").first()
+    if failed is None:
+        return False
+    errors = [
+        str(e.payload.get("error", ""))
+        for e in AuditEvent.objects.filter(
+            run=run,
+            step_index=failed.step_index,
+            action__in=("step.retry_scheduled", "step.failed"),
+        )
+    ]
+    return len(errors) >= settings.AGENTSITE_STEP_MAX_ATTEMPTS and all(
+        any(mark in error for mark in INJECTED) for error in errors
+    )
 
 
 def story(run: Any, origin: float) -> str:

@@ -71,6 +71,8 @@ AGENTS: dict[str, tuple[str, list[list[dict[str, Any]]], dict[str, Any]]] = {
     ),
 }
 FINAL = "done: {input}"
+#: The model call timeout the workers get (AGENTSITE_PROVIDER_FAKE_TIMEOUT).
+PROVIDER_TIMEOUT = 2
 #: Seconds during which every call of the faulty models fails. Shorter than what a step's
 #: retries span with the default backoff (4 attempts, 1 s base: at least 3.5 s), so a run
 #: that fails on it is one that should not have: the retries did not do their job.
@@ -97,7 +99,10 @@ class Fault:
             "model_429": (
                 f"every model call answers HTTP 429, Retry-After: 1, for {ERROR_WINDOW:g} s"
             ),
-            "model_timeouts": "model calls take 4 s (timeout 2 s) for 2.5 s",
+            "model_timeouts": (
+                f"model calls take {PROVIDER_TIMEOUT + 2} s "
+                f"(timeout {PROVIDER_TIMEOUT} s) for 2.5 s"
+            ),
             "model_malformed": "the nonsense model answers malformed JSON for 2 s",
         }[self.kind]
 

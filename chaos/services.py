@@ -226,8 +226,9 @@ class ExistingPostgres:
         import psycopg
         from psycopg import sql
 
-        with contextlib.suppress(psycopg.Error), psycopg.connect(
-            self.maintenance, autocommit=True
-        ) as conn:
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(self.maintenance, autocommit=True) as conn,
+        ):
             name = sql.Identifier(self.name)
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))

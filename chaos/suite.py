@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUES = "models,tools,maintenance,default"
 SECRET_KEY = "chaos-only-secret-key-5d1c0b7e9f2a4c38b6e1d0a9f8e7c6b5"
 FAKE_API_KEY = "sk-chaos-fake-key"
-PROVIDER_TIMEOUT = 2
 
 
 def log(message: str, *, started: float = time.monotonic()) -> None:
@@ -170,7 +169,7 @@ class Suite:
             STATIC_ROOT=str(self.scratch / "static"),
             AGENTSITE_PROVIDER_FAKE_BASE_URL=fake_base_url,
             AGENTSITE_PROVIDER_FAKE_API_KEY=FAKE_API_KEY,
-            AGENTSITE_PROVIDER_FAKE_TIMEOUT=str(PROVIDER_TIMEOUT),
+            AGENTSITE_PROVIDER_FAKE_TIMEOUT=str(scenario.PROVIDER_TIMEOUT),
             # Short clocks, so a lost message or a dead worker shows within seconds (the
             # defaults are minutes; the mechanisms are the same).
             AGENTSITE_RECONCILE_INTERVAL="2",
@@ -398,7 +397,7 @@ class Suite:
                 self.fake.configure(model, error_rate=0.0, retry_after=None)
         elif fault.kind == "model_timeouts":
             for model in scenario.FAULTY_MODELS:
-                self.fake.configure(model, latency_ms=(PROVIDER_TIMEOUT + 2) * 1000)
+                self.fake.configure(model, latency_ms=(scenario.PROVIDER_TIMEOUT + 2) * 1000)
             time.sleep(2.5)  # how long the model is slow
             for model in scenario.FAULTY_MODELS:
                 self.fake.configure(model, latency_ms=0)
