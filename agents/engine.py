@@ -73,6 +73,14 @@ def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
     return min(delay, cap)
 
 
+def countdown(delay: float) -> float | None:
+    """The countdown of the message that retries after ``delay`` seconds, or None: a wait
+    longer than AGENTSITE_MAX_COUNTDOWN is kept in Postgres only (``not_before``) and the
+    reconciler nudges the run once it is due, since Redis redelivers a message held past its
+    visibility timeout."""
+    return delay if delay <= settings.AGENTSITE_MAX_COUNTDOWN else None
+
+
 # --- Transitions ------------------------------------------------------------------------------
 
 
@@ -482,15 +490,16 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                     if last.attempts >= settings.AGENTSITE_STEP_MAX_ATTEMPTS:
                         Step.objects.filter(pk=last.pk, status=Step.Status.RUNNING).update(
                             status=Step.Status.FAILED,
-                            error="the worker performing it was lost on every attempt",
+                            error=f"the worker performing attempt {last.attempts} (the last "
+                            "allowed) was lost",
                             finished_at=_now(),
                             lease_expires_at=None,
                         )
                         _fail(
                             run,
                             "worker_lost",
-                            f"step {last.index} was lost {last.attempts} times (worker killed "
-                            "or timed out); giving up",
+                            f"attempt {last.attempts} of step {last.index} was lost (its worker "
+                            "was killed or timed out) and it has no attempts left; giving up",
                         )
                         return None
                     audit.record(
@@ -639,7 +648,7 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
                 payload={"attempt": step.attempts, "error": message, "retry_in": round(delay, 2)},
             )
             Run.objects.filter(pk=run.pk).update(updated_at=_now())
-            return Outcome(retry_in=delay)
+            return Outcome(retry_in=countdown(delay))
         claimed = Step.objects.filter(
             pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
         ).update(

@@ -222,15 +222,19 @@ AGENTSITE_STEP_SOFT_TIME_LIMIT = env_int("AGENTSITE_STEP_SOFT_TIME_LIMIT", 120)
 AGENTSITE_STEP_HARD_TIME_LIMIT = env_int("AGENTSITE_STEP_HARD_TIME_LIMIT", 150)
 AGENTSITE_RETRY_BACKOFF_MAX = env_int("AGENTSITE_RETRY_BACKOFF_MAX", 60)
 # A provider's Retry-After is honoured up to this many seconds.
-AGENTSITE_RETRY_AFTER_MAX = env_int("AGENTSITE_RETRY_AFTER_MAX", 300)
+AGENTSITE_RETRY_AFTER_MAX = env_int("AGENTSITE_RETRY_AFTER_MAX", 3600)
+# The longest countdown a retry message carries. A longer wait (a long Retry-After) is kept in
+# Postgres only (the step's not_before) and the reconciler resumes the run when it is due: Redis
+# would redeliver a message held past the visibility timeout again and again.
+AGENTSITE_MAX_COUNTDOWN = env_int("AGENTSITE_MAX_COUNTDOWN", 300)
 AGENTSITE_BROKER_VISIBILITY_TIMEOUT = env_int("AGENTSITE_BROKER_VISIBILITY_TIMEOUT", 900)
 if (
-    max(AGENTSITE_STEP_HARD_TIME_LIMIT, AGENTSITE_RETRY_BACKOFF_MAX, AGENTSITE_RETRY_AFTER_MAX)
+    max(AGENTSITE_STEP_HARD_TIME_LIMIT, AGENTSITE_RETRY_BACKOFF_MAX, AGENTSITE_MAX_COUNTDOWN)
     >= AGENTSITE_BROKER_VISIBILITY_TIMEOUT
 ):
     raise ImproperlyConfigured(
         "AGENTSITE_BROKER_VISIBILITY_TIMEOUT must exceed AGENTSITE_STEP_HARD_TIME_LIMIT, "
-        "AGENTSITE_RETRY_BACKOFF_MAX and AGENTSITE_RETRY_AFTER_MAX, or Redis redelivers tasks "
+        "AGENTSITE_RETRY_BACKOFF_MAX and AGENTSITE_MAX_COUNTDOWN, or Redis redelivers tasks "
         "that are still running or waiting"
     )
 
@@ -273,7 +277,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("AGENTSITE_PREFETCH_MULTIPLIER", 1)
 CELERY_TASK_SOFT_TIME_LIMIT = AGENTSITE_STEP_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = AGENTSITE_STEP_HARD_TIME_LIMIT
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# When the broker connection drops (Redis restarted, fail-over), running steps go on: their
+# result is recorded in Postgres, and the message, if Redis still has it, comes back later as a
+# stale nudge that does nothing. Cancelling them (Celery's choice for tasks that are not
+# idempotent) would throw away model calls in flight and leave their steps claimed until their
+# leases expire (the chaos suite saw steps lost this way on every Redis restart).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "agents.advance_run": {"queue": "models"},

@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit
-from agents.engine import backoff_seconds, mark_progress
+from agents.engine import backoff_seconds, countdown, mark_progress
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
@@ -77,7 +77,7 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             # rather than repeat a side effect forever, and let the model read the failure.
             Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
                 status=Step.Status.FAILED,
-                error=f"the worker performing it was lost on all {step.attempts} attempts",
+                error=f"the worker performing attempt {step.attempts} (the last allowed) was lost",
                 finished_at=now,
                 lease_expires_at=None,
             )
@@ -85,7 +85,10 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
                 "tool_call.failed",
                 run=run,
                 step_index=step.index,
-                payload={"tool": step.tool_name, "error": "worker lost on every attempt"},
+                payload={
+                    "tool": step.tool_name,
+                    "error": "worker lost on the last attempt allowed",
+                },
             )
             advance_run_on_commit(run.pk)
             return None
@@ -242,7 +245,7 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
                         "retry_in": round(delay, 2),
                     },
                 )
-        return ToolOutcome(retry_in=delay if released else None, timeout=spec.timeout)
+        return ToolOutcome(retry_in=countdown(delay) if released else None, timeout=spec.timeout)
     _record(
         step,
         error=f"gave up after {step.attempts} attempts: {reason}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -357,6 +358,41 @@ def test_a_tool_call_whose_worker_dies_every_time_fails_instead_of_repeating(mak
     assert _claim(run.pk, 1) is None
 
     step = Step.objects.get(run=run, index=1)
-    assert step.status == Step.Status.FAILED and "lost on all 4 attempts" in step.error
+    lost = "attempt 4 (the last allowed) was lost"
+    assert step.status == Step.Status.FAILED and lost in step.error
     run = drive(run.pk)
-    assert run.status == Run.Status.SUCCEEDED and "lost on all 4 attempts" in run.result
+    assert run.status == Run.Status.SUCCEEDED and lost in run.result
+
+
+def test_a_wait_longer_than_a_broker_message_may_carry_is_kept_in_postgres(
+    make_agent, settings, fake_openai, django_capture_on_commit_callbacks
+):
+    """A provider asking to wait longer than AGENTSITE_MAX_COUNTDOWN: no message carries the
+    wait (Redis would redeliver it past its visibility timeout); the step's not_before does,
+    and the reconciler nudges the run once it is due."""
+    from agents import reconciler
+
+    model = f"long-wait-{uuid.uuid4().hex[:8]}"
+    settings.AGENTSITE_PROVIDERS = {
+        "fake": {"base_url": fake_openai.base_url, "api_key": "sk-test-long-wait"}
+    }
+    settings.AGENTSITE_MAX_COUNTDOWN = 10
+    settings.AGENTSITE_STALLED_AFTER = 0
+    fake_openai.configure(model=model, error_rate=1.0, error_status=429, retry_after=1000)
+    run = submit_run(agent=make_agent(model_route=f"fake:{model}"), input="hi")
+
+    outcome = engine.advance(run.pk)
+
+    assert outcome.retry_in is None  # no retry message
+    step = Step.objects.get(run=run)
+    wait = (step.not_before - timezone.now()).total_seconds()
+    assert step.status == Step.Status.PENDING and 990 < wait <= 1000  # the provider's wish
+    with django_capture_on_commit_callbacks() as published:
+        assert reconciler.reconcile_stalled_runs() == 0  # not due yet
+    assert published == []
+
+    Step.objects.filter(pk=step.pk).update(not_before=timezone.now())  # time passes
+    Run.objects.filter(pk=run.pk).update(updated_at=timezone.now() - timedelta(seconds=1))
+    with django_capture_on_commit_callbacks() as published:
+        assert reconciler.reconcile_stalled_runs() == 1
+    assert len(published) == 1
