@@ -217,28 +217,34 @@ INJECTED = ("injected by the fake server", f"timed out after {PROVIDER_TIMEOUT}s
 
 def injected_on_every_attempt(run: Any) -> bool:
     """A run that gave up on a model step every attempt of which met an injected fault: the
-    retry policy did its job (4 attempts), the faults outlasted it (its attempts can fall in
-    several fault windows when lost messages delay them). Anything else is unexplained."""
+    model answered an injected error (500, 429, too slow), or the attempt was lost with its
+    worker (killed) and taken over after its lease. The retry policy did its job (4 attempts);
+    the faults outlasted it (a step's attempts can fall into several fault windows when lost
+    messages delay them). Any other failure is unexplained."""
     from django.conf import settings
 
     from agents.models import AuditEvent
 
-    if run.error_code != "provider_unavailable":
+    if run.error_code not in ("provider_unavailable", "worker_lost"):
         return False
-    failed = AuditEvent.objects.filter(run=run, action="step.failed").order_by("-id").first()
-    if failed is None:
+    events = list(AuditEvent.objects.filter(run=run).order_by("id"))
+    failing = [e for e in events if e.action in ("step.failed", "step.lease_expired")]
+    index = failing[-1].step_index if failing else None
+    if run.error_code == "worker_lost":
+        # The final attempt was lost; _plan fails the step without a step.failed event.
+        index = max((e.step_index for e in events if e.step_index is not None), default=None)
+    if index is None:
         return False
+    step_events = [e for e in events if e.step_index == index]
     errors = [
         str(e.payload.get("error", ""))
-        for e in AuditEvent.objects.filter(
-            run=run,
-            step_index=failed.step_index,
-            action__in=("step.retry_scheduled", "step.failed"),
-        )
+        for e in step_events
+        if e.action in ("step.retry_scheduled", "step.failed")
     ]
-    return len(errors) >= settings.AGENTSITE_STEP_MAX_ATTEMPTS and all(
-        any(mark in error for mark in INJECTED) for error in errors
-    )
+    lost = sum(1 for e in step_events if e.action == "step.lease_expired")
+    lost += 1 if run.error_code == "worker_lost" else 0
+    explained = all(any(mark in error for mark in INJECTED) for error in errors)
+    return explained and len(errors) + lost >= settings.AGENTSITE_STEP_MAX_ATTEMPTS
 
 
 def story(run: Any, origin: float) -> str:

@@ -82,7 +82,7 @@ def table(report: Report, seconds: float) -> str:
         ("lost (not final)", f.get("lost")),
         ("failed that should not have", f.get("wrongly_failed")),
         ("failed as expected (malformed model answer)", f.get("expected_failures")),
-        ("failed as expected (injected model errors on all 4 attempts)",
+        ("failed as expected (injected faults on all 4 attempts)",
          f.get("failed_on_injected_faults")),
         ("cancelled by the client", f.get("cancelled_by_client")),
         ("approvals decided", f.get("approvals_decided")),
