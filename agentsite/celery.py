@@ -1,12 +1,13 @@
 """The Celery application, configured from Django settings (``CELERY_*``)."""
 
+import inspect
 import os
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import InvalidTaskError
 from celery.signals import worker_init
-from celery.worker.request import Request
+from celery.worker.strategy import default as default_strategy
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
@@ -26,31 +27,53 @@ def body_problem(payload: Any) -> str:
     return ""
 
 
-class CheckedRequest(Request):  # type: ignore[misc]
-    """A task request that refuses a malformed message body before Celery unpacks it.
+def message_problem(task: Any, message: Any) -> str:
+    """Why a task message cannot be run, or "" if it can: its headers must name it, its body
+    must be protocol 2's triple, and its arguments must fit the task's signature."""
+    headers = message.headers or {}
+    for name in ("id", "task"):
+        if not isinstance(headers.get(name), str):
+            return f"its {name!r} header is missing or not a string"
+    problem = body_problem(message.payload)
+    if problem:
+        return problem
+    args, kwargs, _ = message.payload
+    try:
+        inspect.signature(task.run).bind(*args, **kwargs)
+    except TypeError as exc:
+        return f"its arguments do not fit {task.name}: {exc}"
+    return ""
 
-    Celery unpacks the body in ``Request.__init__``, outside its handling of invalid messages: a
-    body that is not the triple kills the worker (and every worker that takes the message
-    after it), and an ``embed`` that is not a mapping kills the gevent greenlet with the
-    message never acked. Raising ``InvalidTaskError`` here makes the consumer log
-    "Received invalid task message" and drop it, like a body that is not JSON."""
 
-    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
-        body = kwargs.get("body")
-        payload = body if kwargs.get("decoded") else message.payload
-        problem = body_problem(payload)
-        if problem:
-            headers = kwargs.get("headers") or message.headers or {}
-            raise InvalidTaskError(
-                f"malformed task message {headers.get('id')} ({headers.get('task')}): {problem}"
-            )
-        super().__init__(message, *args, **kwargs)
+def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy, after a check of the message (``message_problem``).
+
+    Celery unpacks a message partly outside its handling of invalid messages: a body that is
+    not the triple (or is a number or null) or a message without an ``id`` header stopped the
+    worker, and every worker the message went back to after it; an ``embed`` that is not a
+    mapping killed the gevent greenlet with the message never acked; arguments that do not fit
+    failed inside the task (and would fail a real run as a poison message). Raising
+    ``InvalidTaskError`` here makes the consumer log "Received invalid task message" and drop
+    the message, as it does a body that is not JSON."""
+    handler = default_strategy(task, app, consumer, **kwargs)
+
+    def checked(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
+        if body is None:  # protocol 2 (all we send); the body is decoded on demand
+            problem = message_problem(task, message)
+            if problem:
+                headers = message.headers or {}
+                raise InvalidTaskError(
+                    f"malformed task message {headers.get('id')} ({headers.get('task')}): {problem}"
+                )
+        return handler(message, body, *args, **kw)
+
+    return checked
 
 
 class CheckedTask(Task):  # type: ignore[misc]
-    """Every task of the project: its messages are checked by ``CheckedRequest``."""
+    """Every task of the project: its messages are checked before Celery unpacks them."""
 
-    Request = "agentsite.celery:CheckedRequest"
+    Strategy = "agentsite.celery:checked_strategy"
 
 
 app = Celery("agentsite", task_cls=CheckedTask)

@@ -312,17 +312,41 @@ MALFORMED = [
         ),
         id="run_id_not_a_uuid",
     ),
+    # Arguments that do not fit are refused before the task runs (a run whose id they carry
+    # must not be failed as a poison message).
     pytest.param(
-        Malformed(body=None, logged="Task agents.advance_run[{id}] raised unexpected: TypeError"),
+        Malformed(
+            body=None,
+            logged="Received invalid task message: malformed task message {id} "
+            "(agents.advance_run): its arguments do not fit agents.advance_run",
+        ),
         id="no_arguments",
     ),
     pytest.param(
         Malformed(
             body=None,
             args=("{marker}", "extra"),
-            logged="Task agents.advance_run[{id}] raised unexpected: TypeError",
+            logged="Received invalid task message: malformed task message {id} "
+            "(agents.advance_run): its arguments do not fit agents.advance_run",
         ),
         id="too_many_arguments",
+    ),
+    # JSON that is not a list at all: Celery's strategy tested it with `in` and stopped.
+    pytest.param(
+        Malformed(
+            body=b"5",
+            logged="Received invalid task message: malformed task message {id} "
+            "(agents.advance_run): the body is a int",
+        ),
+        id="body_a_number",
+    ),
+    pytest.param(
+        Malformed(
+            body=b"null",
+            logged="Received invalid task message: malformed task message {id} "
+            "(agents.advance_run): the body is a NoneType",
+        ),
+        id="body_null",
     ),
     # Celery unpacks these outside its handling of invalid messages: the first stopped the
     # worker (and every worker the message went back to), the second killed the gevent
@@ -374,7 +398,10 @@ def test_a_malformed_message_is_logged_dropped_and_the_worker_goes_on(
         # Dropped for good: received once, not redelivered, nothing left in Redis.
         assert held_by_broker(task_id) == []
         log = worker_log(celery_worker)
-        if malformed.body is None:
+        if malformed.body is None and "invalid task" not in logged:
             assert lines_with(log, f"Task agents.advance_run[{task_id}] received") == 1
+        elif malformed.body is None:
+            assert lines_with(log, logged, task_id) == 1
+            assert lines_with(log, f"Task agents.advance_run[{task_id}] received") == 0
         elif logged:
             assert lines_with(log, logged, task_id) == 1
