@@ -611,6 +611,8 @@ def advance(run_id: UUID | str) -> Outcome:
     ride_out_outage(
         lambda: _record_model_answer(step, response, latency_ms),
         f"recording step {step.index} of run {run.pk}",
+        # What is left of the task's hard time limit (the call ran within the soft one).
+        within=settings.AGENTSITE_STEP_HARD_TIME_LIMIT - (time.monotonic() - started) - 2,
     )
     return Outcome()
 

@@ -28,8 +28,8 @@ from django.db import InterfaceError, OperationalError, connection, connections
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-# Waits between tries of a write that must not be thrown away (15.5 s in all): longer than a
-# Postgres restart or a fail-over usually takes.
+# Waits between tries of a write that must not be thrown away (15.5 s in all, if the task's
+# hard time limit leaves that much): longer than a Postgres restart usually takes.
 RIDE_OUT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -79,17 +79,22 @@ def connections_returned_if_killed() -> Iterator[None]:
         raise
 
 
-def ride_out_outage(write: Callable[[], T], what: str) -> T:
+def ride_out_outage(write: Callable[[], T], what: str, *, within: float) -> T:
     """Run ``write`` (its own transaction), trying again through a short database outage.
 
     For results already paid for (a model's answer, a tool's effect): a failed write would
     leave the step claimed until its lease expires and then redo it. Each retry takes a fresh
-    connection. Must be called outside any transaction. The last failure is raised.
+    connection. Gives up (raising the last failure) once the next wait would end past
+    ``within`` seconds from now: the caller's task must still be inside its hard time limit.
+    Must be called outside any transaction.
     """
+    deadline = time.monotonic() + within
     for delay in RIDE_OUT_DELAYS:
         try:
             return write()
         except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
             logger.warning("%s: database unavailable (%s); retrying in %gs", what, exc, delay)
             connection.close()
             time.sleep(delay)

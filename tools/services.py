@@ -117,6 +117,11 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         return step
 
 
+def _hard_limit(tool_name: str) -> int:
+    spec = registry.get(tool_name)
+    return (spec.timeout if spec else 30) + settings.AGENTSITE_TOOL_HARD_LIMIT_GRACE
+
+
 def _lease_seconds(tool_name: str) -> int:
     """Past the tool's hard time limit (timeout + grace) and a margin, its worker is dead."""
     spec = registry.get(tool_name)
@@ -297,6 +302,8 @@ def _record(
             audit_action=audit_action,
         ),
         f"recording tool step {step.index} of run {step.run_id}",
+        # What is left of the call's hard time limit (timeout + grace) after the tool ran.
+        within=_hard_limit(step.tool_name) - latency_ms / 1000 - 2,
     )
 
 
