@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .scenario import PROVIDER_TIMEOUT
+from .scenario import FINAL, PROVIDER_TIMEOUT
 
 if TYPE_CHECKING:
     from .suite import Suite
@@ -96,14 +96,17 @@ def check(suite: Suite) -> Report:
                     f"run {rid} ({entry.kind}): {run.error_code}: {run.error}\n    "
                     + story(run, suite.first_submit_wall),
                 )
-        elif run.status == Run.Status.CANCELLED and entry.cancel_status != 202:
+        elif run.status == Run.Status.CANCELLED and not (
+            entry.cancel_status == 202 or (entry.cancel_status == 409 and entry.cancel_retried)
+        ):
+            # (A 409 after a retry answers our own first try, whose answer was lost.)
             report.violate("wrongly cancelled", f"run {rid} ({entry.kind})")
         elif entry.cancel_status == 202 and run.status != Run.Status.CANCELLED:
             report.violate(
                 "cancel lost", f"run {rid}: the API accepted the cancel; it {run.status}"
             )
-        elif run.status == Run.Status.SUCCEEDED and f"chaos run {entry.index}" not in str(
-            run.result
+        elif run.status == Run.Status.SUCCEEDED and run.result != FINAL.format(
+            input=f"chaos run {entry.index}"
         ):
             report.violate("wrong result", f"run {rid}: {run.result!r}")
 
@@ -133,6 +136,22 @@ def check(suite: Suite) -> Report:
     for approval in rejected:
         if (str(approval.run_id), approval.step_index) in by_step:
             report.violate("rejected call ran", f"run {approval.run_id} step {approval.step_index}")
+    # Per run: a run that succeeded without being cancelled sent exactly the e-mails its
+    # script asks for: one for `tools`, one for an approved `approval`, none otherwise.
+    rows_per_run = Counter(str(r.run_id) for r in rows)
+    with ledger.lock:
+        decided = dict(ledger.decided_runs)
+    for rid, entry in accepted.items():
+        run = runs.get(rid)
+        if run is None or run.status != Run.Status.SUCCEEDED:
+            continue
+        expected = 1 if entry.kind == "tools" or decided.get(rid) == "approve" else 0
+        if rows_per_run[rid] != expected:
+            report.violate(
+                "side effects per run",
+                f"run {rid} ({entry.kind}, {decided.get(rid, 'no decision')}) succeeded with "
+                f"{rows_per_run[rid]} e-mails in the outbox, expected {expected}",
+            )
 
     # 4. Nothing after a cancel.
     after_cancel = 0
@@ -192,7 +211,7 @@ def check(suite: Suite) -> Report:
         "wrongly_failed": wrongly_failed,
         "lost": len(lost),
         "cancelled_by_client": sum(1 for e in accepted.values() if e.cancel_status == 202),
-        "approvals_decided": dict(Counter(ledger.decided_runs.values())),
+        "approvals_decided": dict(Counter(decided.values())),
         "outbox_rows": len(rows),
         "outbox_delivered": len(rows) - len(undelivered),
         "side_effects_twice": sum(1 for n in by_step.values() if n > 1),
@@ -244,7 +263,14 @@ def injected_on_every_attempt(run: Any) -> bool:
     lost = sum(1 for e in step_events if e.action == "step.lease_expired")
     lost += 1 if run.error_code == "worker_lost" else 0
     explained = all(any(mark in error for mark in INJECTED) for error in errors)
-    return explained and len(errors) + lost >= settings.AGENTSITE_STEP_MAX_ATTEMPTS
+    # Each kind of model fault is injected once, for less time than a step's retries span:
+    # attempts that all failed on one kind mean the backoff did not do its job.
+    kinds = {m for error in errors for m in ("HTTP 500", "HTTP 429", "timed out") if m in error}
+    return (
+        explained
+        and len(kinds) + (1 if lost else 0) >= 2
+        and len(errors) + lost >= settings.AGENTSITE_STEP_MAX_ATTEMPTS
+    )
 
 
 def story(run: Any, origin: float) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -117,16 +120,22 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse(argv)
     started = time.monotonic()
     suite = Suite(opts)
+    # Whatever ends the suite (an error, Ctrl-C, SIGTERM from CI), its processes and its
+    # Postgres (a daemon of pg_ctl, not a child) are stopped and removed.
+    atexit.register(suite.close)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         report = suite.run()
     except BenchError as exc:
         log(f"the suite broke: {exc}")
-        suite.close()
         sys.exit(2)
     except KeyboardInterrupt:
-        suite.close()
         sys.exit(130)
-    suite.close()
+    except Exception:
+        log(f"the suite broke:\n{traceback.format_exc()}")
+        sys.exit(2)
+    finally:
+        suite.close()
     seconds = time.monotonic() - started
     text = table(report, seconds)
     print(text)

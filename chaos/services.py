@@ -84,10 +84,14 @@ class PrivatePostgres:
         self.log.touch()
         if os.geteuid() == 0:
             shutil.chown(self.log, user=POSTGRES_USER)
-        self._run(
-            "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-            "--no-sync",
-        )  # fmt: skip
+        try:
+            self._run(
+                "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                "--no-sync",
+            )  # fmt: skip
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     @property
     def url(self) -> str:

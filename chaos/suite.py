@@ -75,6 +75,7 @@ class Submitted:
     kind: str
     run_id: str
     cancel_status: int | None = None  # the API's answer to our cancel, if we sent one
+    cancel_retried: bool = False  # a 409 after a retry may answer our own earlier cancel
 
 
 @dataclass
@@ -94,18 +95,23 @@ class Api:
     """An API client that retries what a careful client retries: connection errors, 5xx and
     429, with the same Idempotency-Key, until a deadline."""
 
-    def __init__(self, base_url: str, key: str, ledger: Ledger) -> None:
+    def __init__(self, base_url: str, key: str, ledger: Ledger, stop: threading.Event) -> None:
         self.client = httpx.Client(
             base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=10
         )
         self.ledger = ledger
+        self.stop = stop
+        self.retried = False  # whether the last call was sent more than once
 
     def call(
         self, method: str, path: str, *, json: Any = None, headers: Any = None, within: float = 180
     ) -> httpx.Response:
         deadline = time.monotonic() + within
         delay = 0.2
+        self.retried = False
         while True:
+            if self.stop.is_set():
+                raise BenchError(f"{method} {path}: the suite is stopping")
             try:
                 response = self.client.request(method, path, json=json, headers=headers)
                 if response.status_code < 500 and response.status_code != 429:
@@ -117,6 +123,7 @@ class Api:
                 raise BenchError(f"{method} {path} kept failing for {within:g} s: {problem}")
             with self.ledger.lock:
                 self.ledger.client_retries += 1
+            self.retried = True
             time.sleep(delay)  # a client's backoff between retries
             delay = min(2.0, delay * 2)
 
@@ -132,7 +139,8 @@ class Suite:
         self.scratch = opts.results_dir / "scratch"
         self.ledger = Ledger()
         self.workers: list[ManagedProcess | None] = [None] * opts.workers
-        self.stop_background = threading.Event()
+        self.stop_background = threading.Event()  # the reviewer's end
+        self.stop_all = threading.Event()  # the suite is stopping: clients give up at once
         self.env: dict[str, str] = {}
         self.postgres: PrivatePostgres | ExistingPostgres | None = None
         self.redis: PrivateRedis | None = None
@@ -190,7 +198,11 @@ class Suite:
     def start(self) -> None:
         import shutil
 
-        shutil.rmtree(self.opts.results_dir, ignore_errors=True)
+        # Only what an earlier run of the suite wrote there (--results may name any directory).
+        for old in (self.logs, self.scratch):
+            shutil.rmtree(old, ignore_errors=True)
+        for name in ("summary.txt", "summary.json"):
+            (self.opts.results_dir / name).unlink(missing_ok=True)
         self.logs.mkdir(parents=True)
         (self.scratch / "static").mkdir(parents=True)
         (self.scratch / "mail").mkdir(parents=True)
@@ -222,6 +234,9 @@ class Suite:
     def setup_django(self) -> None:
         import os
 
+        for name in list(os.environ):
+            if name not in self.env:
+                del os.environ[name]  # this process reads the settings the workers read
         os.environ.update(self.env)
         import django
 
@@ -298,7 +313,7 @@ class Suite:
     # --- the client side ------------------------------------------------------------------
 
     def submit_all(self) -> None:
-        api = Api(self.api_url, self.client_key, self.ledger)
+        api = Api(self.api_url, self.client_key, self.ledger, self.stop_all)
         cancels: list[tuple[float, Submitted]] = []
         try:
             spacing = self.opts.submit_seconds / max(1, self.opts.runs)
@@ -335,10 +350,11 @@ class Suite:
     def cancel(self, api: Api, entry: Submitted) -> None:
         response = api.call("POST", f"/api/v1/runs/{entry.run_id}/cancel/")
         entry.cancel_status = response.status_code
+        entry.cancel_retried = api.retried
 
     def review(self) -> None:
         """The reviewer: approve even-numbered runs' calls, reject odd ones', until stopped."""
-        api = Api(self.api_url, self.reviewer_key, self.ledger)
+        api = Api(self.api_url, self.reviewer_key, self.ledger, self.stop_all)
         try:
             while not self.stop_background.is_set():
                 try:
@@ -347,7 +363,10 @@ class Suite:
                     log(f"reviewer: {exc}")
                     continue
                 for approval in page.json().get("results", []):
-                    self.decide(api, approval)
+                    try:
+                        self.decide(api, approval)
+                    except BenchError as exc:
+                        log(f"reviewer: {exc}")  # the next pass tries again
                 self.stop_background.wait(0.3)
         finally:
             api.close()
@@ -475,7 +494,7 @@ class Suite:
             except BaseException as exc:  # noqa: BLE001 - reported below
                 failures.append(exc)
 
-        submitter = threading.Thread(target=guarded, name="submitter")
+        submitter = threading.Thread(target=guarded, name="submitter", daemon=True)
         submitter.start()
         reviewer.start()
         try:
@@ -491,6 +510,10 @@ class Suite:
         return check(self)
 
     def close(self) -> None:
+        """Stop every process and remove the suite's Postgres (safe to call twice)."""
+        self.stop_all.set()
+        self.stop_background.set()
         stop_all(grace=10)
         if self.postgres is not None:
             self.postgres.remove()
+            self.postgres = None

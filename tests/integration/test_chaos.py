@@ -4,8 +4,10 @@ message lost) while runs are submitted; then every check of ``make chaos``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,18 +29,27 @@ def test_a_worker_kill_and_a_broker_flush_lose_nothing_and_do_nothing_twice(tmp_
     parts = urlsplit(os.environ["DATABASE_URL"])
     database_url = urlunsplit(parts._replace(path=f"/test_agentsite_chaos_{os.getpid()}"))
     results = tmp_path / "chaos"
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "chaos", "--short", "--runs", "40", "--seconds", "10",
-            "--quiesce-timeout", "120", "--database-url", database_url,
-            "--results", str(results),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
+    argv = [
+        sys.executable, "-m", "chaos", "--short", "--runs", "40", "--seconds", "10",
+        "--quiesce-timeout", "120", "--database-url", database_url, "--results", str(results),
+    ]  # fmt: skip
+    # In a session of its own: on a timeout the whole suite (workers, Redis, API...) is
+    # stopped, SIGTERM first so it removes what it made.
+    harness = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )  # fmt: skip
+    try:
+        stdout, stderr = harness.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(harness.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = harness.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(harness.pid, signal.SIGKILL)
+        pytest.fail(f"the chaos suite did not finish in 400 s:\n{stderr[-4000:]}")
+    done = subprocess.CompletedProcess(argv, harness.returncode, stdout, stderr)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
     summary = json.loads((results / "summary.json").read_text())
     figures = summary["figures"]
