@@ -27,7 +27,7 @@ def body_problem(payload: Any) -> str:
     return ""
 
 
-def message_problem(task: Any, message: Any) -> str:
+def message_problem(task: Any, message: Any, signature: inspect.Signature | None = None) -> str:
     """Why a task message cannot be run, or "" if it can: its headers must name it, its body
     must be protocol 2's triple, and its arguments must fit the task's signature."""
     headers = message.headers or {}
@@ -39,7 +39,7 @@ def message_problem(task: Any, message: Any) -> str:
         return problem
     args, kwargs, _ = message.payload
     try:
-        inspect.signature(task.run).bind(*args, **kwargs)
+        (signature or inspect.signature(task.run)).bind(*args, **kwargs)
     except TypeError as exc:
         return f"its arguments do not fit {task.name}: {exc}"
     return ""
@@ -56,10 +56,11 @@ def checked_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     ``InvalidTaskError`` here makes the consumer log "Received invalid task message" and drop
     the message, as it does a body that is not JSON."""
     handler = default_strategy(task, app, consumer, **kwargs)
+    signature = inspect.signature(task.run)  # once per task, not per message
 
     def checked(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
         if body is None:  # protocol 2 (all we send); the body is decoded on demand
-            problem = message_problem(task, message)
+            problem = message_problem(task, message, signature)
             if problem:
                 headers = message.headers or {}
                 raise InvalidTaskError(
