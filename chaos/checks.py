@@ -112,10 +112,9 @@ def check(suite: Suite) -> Report:
 
     # 3. Side effects: once in the outbox, delivered; none for a rejected call.
     rows = list(OutboxMessage.objects.filter(run_id__in=list(accepted)))
-    by_step = Counter((str(r.run_id), r.step_index) for r in rows)
-    for (rid, index), n in by_step.items():
-        if n > 1:
-            report.violate("side effect twice", f"run {rid} step {index}: {n} outbox rows")
+    # (One row per tool call is the outbox's unique key; what can go wrong is a call made
+    # twice, or a row missing, which the per-run counts below catch.)
+    by_step = {(str(r.run_id), r.step_index) for r in rows}
     email_steps = Step.objects.filter(
         run_id__in=list(accepted), tool_name="send_email", status=Step.Status.SUCCEEDED
     ).values_list("run_id", "index")
@@ -141,11 +140,16 @@ def check(suite: Suite) -> Report:
     rows_per_run = Counter(str(r.run_id) for r in rows)
     with ledger.lock:
         decided = dict(ledger.decided_runs)
+    twice = 0
     for rid, entry in accepted.items():
         run = runs.get(rid)
         if run is None or run.status != Run.Status.SUCCEEDED:
             continue
         expected = 1 if entry.kind == "tools" or decided.get(rid) == "approve" else 0
+        if rows_per_run[rid] > expected:
+            twice += 1
+        elif rows_per_run[rid] < expected:
+            missing.append((rid, -1))
         if rows_per_run[rid] != expected:
             report.violate(
                 "side effects per run",
@@ -214,8 +218,8 @@ def check(suite: Suite) -> Report:
         "approvals_decided": dict(Counter(decided.values())),
         "outbox_rows": len(rows),
         "outbox_delivered": len(rows) - len(undelivered),
-        "side_effects_twice": sum(1 for n in by_step.values() if n > 1),
-        "side_effects_missing": len(missing),
+        "side_effects_twice": twice,
+        "side_effects_missing": len({rid for rid, _ in missing}),  # runs
         "sent_twice_same_message_id": sent_twice,
         "ran_after_cancel": after_cancel,
         "audit_problems": audit_problems,

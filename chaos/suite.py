@@ -11,7 +11,9 @@ should not have, every side effect is in the outbox once, and nothing ran after 
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -28,6 +30,7 @@ from bench.polling import BenchError, Deadline, poll
 from bench.processes import (
     FakeServer,
     ManagedProcess,
+    free_port,
     spawn,
     start_beat,
     start_fake_server,
@@ -84,7 +87,6 @@ class Ledger:
 
     submitted: dict[str, Submitted] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)  # 4xx answers to a submission
-    decisions: dict[str, str] = field(default_factory=dict)  # approval id -> decision taken
     decided_runs: dict[str, str] = field(default_factory=dict)  # run id -> approve/reject
     faults: list[tuple[float, Fault]] = field(default_factory=list)
     client_retries: int = 0
@@ -156,8 +158,6 @@ class Suite:
     # --- setting up -----------------------------------------------------------------------
 
     def environment(self, fake_base_url: str) -> dict[str, str]:
-        import os
-
         assert self.postgres is not None and self.redis is not None
         env = dict(os.environ)
         for name in list(env):
@@ -196,8 +196,6 @@ class Suite:
         return env
 
     def start(self) -> None:
-        import shutil
-
         # Only what an earlier run of the suite wrote there (--results may name any directory).
         for old in (self.logs, self.scratch):
             shutil.rmtree(old, ignore_errors=True)
@@ -214,7 +212,7 @@ class Suite:
         )
         self.postgres.start()
         self.postgres.create_database()
-        self.redis = PrivateRedis(self.logs, env=dict(__import__("os").environ))
+        self.redis = PrivateRedis(self.logs, env=dict(os.environ))
         self.redis.start()
         base_env = self.environment("")
         self.fake = start_fake_server(env=base_env, logs=self.logs)
@@ -232,8 +230,6 @@ class Suite:
         self.start_api()
 
     def setup_django(self) -> None:
-        import os
-
         for name in list(os.environ):
             if name not in self.env:
                 del os.environ[name]  # this process reads the settings the workers read
@@ -286,8 +282,6 @@ class Suite:
         poll(answered, Deadline(90, "the workers to answer a ping"), interval=0.2, alive=self.alive)
 
     def start_api(self) -> None:
-        from bench.processes import free_port
-
         port = free_port()
         argv = [
             sys.executable, "-m", "gunicorn", "agentsite.asgi:application",
@@ -384,7 +378,6 @@ class Suite:
         response = api.call("POST", f"/api/v1/approvals/{approval['id']}/decision/", json=body)
         if response.status_code in (200, 409):
             with self.ledger.lock:
-                self.ledger.decisions[str(approval["id"])] = decision
                 self.ledger.decided_runs[run_id] = decision
 
     # --- faults ---------------------------------------------------------------------------

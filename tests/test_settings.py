@@ -24,6 +24,9 @@ def test_the_celery_app_is_configured_for_reliability():
     conf = app.conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
+    # A broker connection lost (Redis restarted) must not cancel running steps: their result is
+    # recorded in Postgres and a later redelivery is a no-op (make chaos saw runs fail without).
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
     # One reserved message per slot unless the pool asks for more (agentsite.celery).
     assert conf.worker_prefetch_multiplier == 1
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"

@@ -118,18 +118,14 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
 
 
 def _hard_limit(tool_name: str) -> int:
+    """The call's hard time limit: the tool's timeout plus the grace (agents.dispatch)."""
     spec = registry.get(tool_name)
     return (spec.timeout if spec else 30) + settings.AGENTSITE_TOOL_HARD_LIMIT_GRACE
 
 
 def _lease_seconds(tool_name: str) -> int:
-    """Past the tool's hard time limit (timeout + grace) and a margin, its worker is dead."""
-    spec = registry.get(tool_name)
-    return (
-        (spec.timeout if spec else 30)
-        + settings.AGENTSITE_TOOL_HARD_LIMIT_GRACE
-        + settings.AGENTSITE_TOOL_LEASE_MARGIN
-    )
+    """Past the call's hard time limit and a margin, its worker is dead."""
+    return _hard_limit(tool_name) + settings.AGENTSITE_TOOL_LEASE_MARGIN
 
 
 def _max_attempts(tool_name: str) -> int:

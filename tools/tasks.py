@@ -6,10 +6,9 @@ import logging
 from uuid import UUID
 
 from celery import shared_task
-from django.db import InterfaceError, OperationalError
 
 from agents.dispatch import tool_call_on_commit
-from agents.tasks import StepTask
+from agents.tasks import DB_ERRORS, StepTask
 from agentsite.pools import connections_returned_if_killed
 
 from . import services
@@ -21,7 +20,7 @@ logger = logging.getLogger(__name__)
     name="tools.execute_tool_call",
     base=StepTask,
     acks_late=True,
-    autoretry_for=(OperationalError, InterfaceError),
+    autoretry_for=DB_ERRORS,
     retry_backoff=True,
     retry_backoff_max=60,
     retry_jitter=True,
