@@ -23,7 +23,13 @@ In-process use (tests)::
 Out-of-process use (a Celery worker or a benchmark talking to a separate server):
 the control endpoints ``POST /_fake/config``, ``POST /_fake/reset`` and
 ``GET /_fake/requests`` do what :meth:`FakeOpenAIServer.configure`,
-:meth:`FakeOpenAIServer.reset` and :attr:`FakeOpenAIServer.requests` do.
+:meth:`FakeOpenAIServer.reset` and :attr:`FakeOpenAIServer.requests` do (each logged request
+also carries ``"at"``, its arrival time as ``time.time()``, as
+:meth:`FakeOpenAIServer.request_times` gives them).
+
+Rate-limit tests check what reached the "provider"::
+
+    assert max_in_window(server.request_times("gpt-fake"), 60.0) <= limit
 
 Command line::
 
@@ -55,7 +61,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_BEHAVIOUR", "NONSENSE_MODES", "FakeOpenAIServer", "main"]
+__all__ = ["DEFAULT_BEHAVIOUR", "NONSENSE_MODES", "FakeOpenAIServer", "main", "max_in_window"]
 
 #: Every behaviour key with its default value.
 DEFAULT_BEHAVIOUR: dict[str, Any] = {
@@ -324,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(
                 200,
                 {
-                    "requests": [{"model": m, "body": b} for m, b in fake.requests],
+                    "requests": fake._logged(),
                     "counts": fake.counts(),
                 },
             )
@@ -517,6 +523,7 @@ class FakeOpenAIServer:
         self._counts: dict[str, int] = {}
         self._fail_first_served: dict[str, int] = {}
         self._requests: list[tuple[str, dict[str, Any]]] = []
+        self._arrived: list[float] = []  # time.time() of each entry of _requests
         # Requests being answered now, and the most at once, per model (concurrency tests).
         self._in_flight: dict[str, int] = {}
         self._peak: dict[str, int] = {}
@@ -626,6 +633,7 @@ class FakeOpenAIServer:
             self._counts.clear()
             self._fail_first_served.clear()
             self._requests.clear()
+            self._arrived.clear()
             self._peak.clear()
 
     # -- introspection --------------------------------------------------------------------
@@ -635,6 +643,24 @@ class FakeOpenAIServer:
         """A copy of the ``(model, parsed body)`` pairs received on /v1/chat/completions."""
         with self._lock:
             return copy.deepcopy(self._requests)
+
+    def request_times(self, model: str | None = None) -> list[float]:
+        """Sorted arrival times (``time.time()``) of the chat-completions requests for
+        ``model``, or for every model: what a rate limit in front of the server let through."""
+        with self._lock:
+            return sorted(
+                at
+                for (name, _), at in zip(self._requests, self._arrived, strict=True)
+                if model is None or name == model
+            )
+
+    def _logged(self) -> list[dict[str, Any]]:
+        """The request log as ``GET /_fake/requests`` serialises it, with arrival times."""
+        with self._lock:
+            return [
+                {"model": model, "body": copy.deepcopy(body), "at": at}
+                for (model, body), at in zip(self._requests, self._arrived, strict=True)
+            ]
 
     def peak_in_flight(self, model: str) -> int:
         """The most chat-completions requests for ``model`` answered at the same time."""
@@ -678,6 +704,7 @@ class FakeOpenAIServer:
         """Log a request; return its effective behaviour and whether to inject an error."""
         with self._lock:
             self._requests.append((model, copy.deepcopy(body)))
+            self._arrived.append(time.time())
             self._counts[model] = self._counts.get(model, 0) + 1
             behaviour = self._effective(model)
             served = self._fail_first_served.get(model, 0)
@@ -693,6 +720,21 @@ class FakeOpenAIServer:
                 self._connections.add(conn)
             else:
                 self._connections.discard(conn)
+
+
+def max_in_window(times: Iterable[float], window: float) -> int:
+    """The most of ``times`` that fall in any sliding window ``[t, t + window)``: what a
+    limit of N per window promises never to exceed (two times exactly ``window`` apart are in
+    different windows)."""
+    if not window > 0:
+        raise ValueError(f"window must be > 0, not {window!r}")
+    ordered = sorted(times)
+    most = first = 0
+    for last, at in enumerate(ordered):
+        while at - ordered[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from agents.providers.fake_server import FakeOpenAIServer
+from agents.providers.fake_server import FakeOpenAIServer, max_in_window
 
 # No proxies: the server is always on 127.0.0.1.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -463,6 +463,44 @@ def test_control_endpoints(server, client):
     assert server.requests == []
     response = client.chat.completions.create(model="m-remote", messages=[user("hi")])
     assert response.choices[0].message.content == "Fake answer to: hi"
+
+
+def test_request_times_record_arrivals(server):
+    before = time.time()
+    for model in ("m-a", "m-b", "m-a"):
+        assert chat_raw(server, model)[0] == 200
+    after = time.time()
+
+    times_a = server.request_times("m-a")
+    assert len(times_a) == 2
+    assert times_a == sorted(times_a)
+    assert all(before <= at <= after for at in times_a)
+    assert len(server.request_times("m-b")) == 1
+    assert server.request_times() == sorted([*times_a, *server.request_times("m-b")])
+    assert server.request_times("m-none") == []
+
+    # The control endpoint carries the same times, and what it carried before.
+    logged = json.loads(raw_request(server, "GET", "/_fake/requests")[2])["requests"]
+    assert [(entry["model"], entry["at"]) for entry in logged if entry["model"] == "m-a"] == [
+        ("m-a", at) for at in times_a
+    ]
+    assert all(set(entry) == {"model", "body", "at"} for entry in logged)
+
+    server.reset()
+    assert server.request_times() == []
+
+
+def test_max_in_window_counts_the_busiest_sliding_window():
+    assert max_in_window([], 1.0) == 0
+    assert max_in_window([5.0], 1.0) == 1
+    # Unaligned: [0.2, 1.2) holds four though no aligned second holds more than three.
+    assert max_in_window([1.3, 0.0, 1.1, 0.2, 1.0, 0.4], 1.0) == 4
+    # Exactly one window apart: different windows.
+    assert max_in_window([0.0, 1.0, 2.0], 1.0) == 1
+    assert max_in_window([0.0, 0.999, 1.998], 1.0) == 2
+    assert max_in_window([0.0, 0.0, 0.0], 0.5) == 3
+    with pytest.raises(ValueError, match="window"):
+        max_in_window([0.0], 0)
 
 
 def test_malformed_json_is_a_400_in_openai_format(server):
