@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agentsite.redaction import redact
+
 from .models import AuditEvent, Run
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def record(
         actor_type=by.type,
         actor=by.name,
         trace_id=run.trace_id if run is not None else "",
-        payload=payload or {},
+        payload=redact(payload or {}),
     )
     pending = getattr(_batch, "events", None)
     if pending is not None:
