@@ -63,7 +63,7 @@ test: venv services
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals
+	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals audittrail
 
 # The fault-injection suite (about 2 minutes): a Postgres and a Redis of its own (it restarts
 # them), real workers/beat/API, faults while runs are submitted. `make chaos CHAOS_ARGS=--help`.

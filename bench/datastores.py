@@ -150,16 +150,27 @@ def setup_django(env: dict[str, str]) -> Any:
 
 def truncate_runs() -> None:
     """Empty the runs and everything hanging off them (steps, events, sessions, approvals,
-    outbox), so the next scenario starts from an empty runs table."""
+    outbox, and the audit trail's seals, which would point at events no longer there), so the
+    next scenario starts from an empty runs table."""
     from django.db import connection
 
     from agents.models import AuditEvent, Run, Session, Step
     from approvals.models import Approval
+    from audittrail.models import AuditSeal, SealHorizon
     from tools.models import OutboxMessage
 
     tables = ", ".join(
         connection.ops.quote_name(model._meta.db_table)
-        for model in (Run, Step, AuditEvent, Session, Approval, OutboxMessage)
+        for model in (
+            Run,
+            Step,
+            AuditEvent,
+            Session,
+            Approval,
+            OutboxMessage,
+            AuditSeal,
+            SealHorizon,
+        )
     )
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {tables} CASCADE")
