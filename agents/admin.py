@@ -6,14 +6,24 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Count, F, Q, QuerySet, Sum
 from django.http import HttpRequest
 
 from tools.models import ToolGrant
 
 from . import services
 from .exceptions import RunAlreadyFinished, RunNotRetryable
-from .models import Agent, AgentVersion, ApiKey, AuditEvent, ModelProvider, Run, Session, Step
+from .models import (
+    Agent,
+    AgentVersion,
+    ApiKey,
+    AuditEvent,
+    ModelPrice,
+    ModelProvider,
+    Run,
+    Session,
+    Step,
+)
 
 
 class ReadOnlyAdminMixin:
@@ -30,6 +40,18 @@ class ReadOnlyAdminMixin:
 
 
 class AgentForm(forms.ModelForm):
+    rollout_percent = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=99,
+        label="Roll out as a canary to",
+        help_text=(
+            "Percent of new runs. Leave blank to publish the change to every new run; give a "
+            "share to publish it as a canary next to the current version (promote or roll it "
+            "back from the agents list)."
+        ),
+    )
+
     class Meta:
         model = Agent
         fields = [
@@ -41,8 +63,17 @@ class AgentForm(forms.ModelForm):
             "system_prompt",
             "temperature",
             "script",
+            "fallback_routes",
+            "routine_route",
+            "routine_steps",
             "max_steps",
             "max_tokens_per_run",
+            "max_input_tokens",
+            "max_output_tokens",
+            "max_cost",
+            "max_wall_seconds",
+            "requests_per_minute",
+            "tokens_per_minute",
             "escalation_policy",
             "output_schema",
         ]
@@ -67,6 +98,7 @@ STEP_FIELDS = (
     "latency_ms",
     "input_tokens",
     "output_tokens",
+    "cost",
     "error",
 )
 
@@ -115,45 +147,171 @@ class ToolGrantInline(admin.TabularInline):
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     form = AgentForm
-    list_display = ["slug", "name", "model_route", "is_active", "current_version", "updated_at"]
+    list_display = [
+        "slug",
+        "name",
+        "model_route",
+        "is_active",
+        "current_version",
+        "canary",
+        "updated_at",
+    ]
     list_filter = ["is_active"]
     search_fields = ["slug", "name", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["current_version", "created_at", "updated_at"]
+    readonly_fields = [
+        "current_version",
+        "canary_version",
+        "canary_percent",
+        "created_at",
+        "updated_at",
+    ]
     inlines = [ToolGrantInline, AgentVersionInline]
+    actions = ["promote_canaries", "roll_back_canaries"]
     fieldsets = [
         (None, {"fields": ["slug", "name", "description", "is_active", "current_version"]}),
-        ("Model", {"fields": ["model_route", "system_prompt", "temperature", "script"]}),
+        (
+            "Model",
+            {
+                "fields": [
+                    "model_route",
+                    "fallback_routes",
+                    "routine_route",
+                    "routine_steps",
+                    "system_prompt",
+                    "temperature",
+                    "script",
+                ]
+            },
+        ),
         (
             "Budgets and policy",
-            {"fields": ["max_steps", "max_tokens_per_run", "escalation_policy", "output_schema"]},
+            {
+                "fields": [
+                    "max_steps",
+                    "max_tokens_per_run",
+                    "max_input_tokens",
+                    "max_output_tokens",
+                    "max_cost",
+                    "max_wall_seconds",
+                    "escalation_policy",
+                    "output_schema",
+                ]
+            },
         ),
+        (
+            "Rate limits (live, all workers)",
+            {"fields": ["requests_per_minute", "tokens_per_minute"]},
+        ),
+        ("Rollout", {"fields": ["rollout_percent", "canary_version", "canary_percent"]}),
         ("History", {"fields": ["created_at", "updated_at"]}),
     ]
+
+    @admin.display(description="Canary")
+    def canary(self, obj: Agent) -> str:
+        if obj.canary_version_id is None:
+            return "-"
+        return f"v{obj.canary_version.number} at {obj.canary_percent}%"  # type: ignore[union-attr]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Agent]:
+        return super().get_queryset(request).select_related("current_version", "canary_version")
 
     def save_model(self, request: HttpRequest, obj: Agent, form: Any, change: bool) -> None:
         # Saved now, published once its grants (inlines) are saved too: see save_related.
         # (Kept on the request: one ModelAdmin instance serves every request and thread.)
         request._agentsite_version_before = obj.current_version  # type: ignore[attr-defined]
+        request._agentsite_canary_before = obj.canary_version  # type: ignore[attr-defined]
         obj.save()
 
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
         agent: Agent = form.instance
-        version = services.publish_agent_version(agent=agent, user=request.user)  # type: ignore[arg-type]
-        if change and version != getattr(request, "_agentsite_version_before", None):
+        percent = form.cleaned_data.get("rollout_percent") or 0
+        version = services.publish_agent_version(
+            agent=agent,
+            user=request.user,  # type: ignore[arg-type]
+            canary_percent=percent,
+        )
+        before = {
+            getattr(request, "_agentsite_version_before", None),
+            getattr(request, "_agentsite_canary_before", None),
+        }
+        if change and version not in before:
             self.message_user(
                 request,
-                f"Published {version}; runs already started keep their version "
-                "(a grant removed or narrowed applies to them at once).",
+                (
+                    f"Published {version} as a canary for {percent}% of new runs; the others "
+                    f"keep {agent.current_version}."
+                    if percent and version == agent.canary_version
+                    else f"Published {version}; runs already started keep their version "
+                    "(a grant removed or narrowed applies to them at once)."
+                ),
                 messages.INFO,
+            )
+
+    @admin.action(description="Promote the canary to every new run", permissions=["change"])
+    def promote_canaries(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        for agent in queryset.filter(canary_version__isnull=False):
+            version = services.promote_canary(agent=agent, user=request.user)  # type: ignore[arg-type]
+            self.message_user(request, f"{version} now serves every new run.")
+
+    @admin.action(description="Roll back the canary", permissions=["change"])
+    def roll_back_canaries(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        for agent in queryset.filter(canary_version__isnull=False):
+            version = services.roll_back_canary(agent=agent, user=request.user)  # type: ignore[arg-type]
+            self.message_user(
+                request,
+                f"Rolled back {version}; new runs use {agent.current_version} and the agent's "
+                "settings are that version's again.",
             )
 
 
 @admin.register(AgentVersion)
 class AgentVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["agent", "number", "model_route", "created_at", "created_by"]
+    """Versions side by side: how their runs ended and what they cost (a canary's report)."""
+
+    list_display = [
+        "agent",
+        "number",
+        "model_route",
+        "runs",
+        "success_rate",
+        "cost_per_run",
+        "tokens_per_run",
+        "created_at",
+    ]
     list_filter = ["agent"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AgentVersion]:
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("agent")
+            .annotate(
+                n_runs=Count("runs"),
+                n_succeeded=Count("runs", filter=Q(runs__status=Run.Status.SUCCEEDED)),
+                n_failed=Count("runs", filter=Q(runs__status=Run.Status.FAILED)),
+                total_cost=Sum("runs__cost"),
+                total_tokens=Sum(F("runs__input_tokens") + F("runs__output_tokens")),
+            )
+        )
+
+    @admin.display(ordering="n_runs")
+    def runs(self, obj: Any) -> int:
+        return int(obj.n_runs)
+
+    @admin.display(description="Success")
+    def success_rate(self, obj: Any) -> str:
+        finished = obj.n_succeeded + obj.n_failed
+        return f"{obj.n_succeeded / finished:.1%}" if finished else "-"
+
+    @admin.display(description="Cost / run")
+    def cost_per_run(self, obj: Any) -> str:
+        return f"{obj.total_cost / obj.n_runs:.6f}" if obj.n_runs else "-"
+
+    @admin.display(description="Tokens / run")
+    def tokens_per_run(self, obj: Any) -> str:
+        return f"{obj.total_tokens / obj.n_runs:.0f}" if obj.n_runs else "-"
 
 
 class StepInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -174,6 +332,7 @@ class RunAdmin(admin.ModelAdmin):
         "model_route",
         "input_tokens",
         "output_tokens",
+        "cost",
         "created_at",
         "finished_at",
     ]
@@ -280,13 +439,28 @@ class ModelProviderForm(forms.ModelForm):
 
     class Meta:
         model = ModelProvider
-        fields = ["name", "base_url", "timeout_seconds", "enabled"]
+        fields = [
+            "name",
+            "base_url",
+            "timeout_seconds",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "enabled",
+        ]
 
 
 @admin.register(ModelProvider)
 class ModelProviderAdmin(admin.ModelAdmin):
     form = ModelProviderForm
-    list_display = ["name", "base_url", "enabled", "has_api_key", "updated_at"]
+    list_display = [
+        "name",
+        "base_url",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "enabled",
+        "has_api_key",
+        "updated_at",
+    ]
 
     @admin.display(boolean=True, description="API key set")
     def has_api_key(self, obj: ModelProvider) -> bool:
@@ -320,3 +494,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for key in queryset:
             services.revoke_api_key(api_key=key, by=request.user)  # type: ignore[arg-type]
         self.message_user(request, f"Revoked {queryset.count()} keys.")
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """Per million tokens. Workers see an edit within 10 seconds."""
+
+    list_display = ["route", "input_per_million", "output_per_million", "updated_at"]
+    search_fields = ["route"]

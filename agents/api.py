@@ -17,7 +17,7 @@ from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from . import services
+from . import services, usage
 from .models import Agent, ApiKey, AuditEvent, Run
 from .serializers import (
     AgentSerializer,
@@ -27,6 +27,8 @@ from .serializers import (
     RunFilterSerializer,
     RunSerializer,
     StepSerializer,
+    UsageFilterSerializer,
+    UsageReportSerializer,
     WhoAmISerializer,
 )
 
@@ -124,6 +126,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             "on_conflict": data["on_conflict"],
             "metadata": data.get("metadata"),
             "webhook_url": data.get("webhook_url") or "",
+            "budget": data.get("budget"),
         }
         idempotency_key = request.headers.get("Idempotency-Key", "").strip()
         if idempotency_key:
@@ -190,6 +193,34 @@ def whoami(request: Request) -> Response:
         {
             "user": request.user.get_username(),
             "key": {"prefix": key.prefix, "name": key.name} if key is not None else None,
+        }
+    )
+
+
+@extend_schema(
+    parameters=[UsageFilterSerializer],
+    responses={200: UsageReportSerializer, 400: ERROR_RESPONSES[400], 401: ERROR_RESPONSES[401]},
+)
+@api_view(["GET"])
+def usage_report(request: Request) -> Response:
+    """Tokens, cost and outcomes of the caller's runs, summed per agent, agent version, API key
+    or model (the route that answered), optionally for runs created in [since, until)."""
+    query = UsageFilterSerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    params = query.validated_data
+    group_by = params.get("group_by", "agent")
+    groups = usage.summarise(
+        Run.objects.filter(owner=request.user),
+        group_by,
+        since=params.get("since"),
+        until=params.get("until"),
+    )
+    return Response(
+        {
+            "group_by": group_by,
+            "since": params.get("since"),
+            "until": params.get("until"),
+            "groups": groups,
         }
     )
 

@@ -32,15 +32,18 @@ from django.utils import timezone
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from tools import policy
 
-from . import audit
+from . import audit, governance, limits
 from .dispatch import advance_run_on_commit, tool_call_on_commit, webhook_on_commit
 from .jsonsafe import count, json_safe
 from .models import Run, Session, Step
 from .outputs import loads_strict
 from .providers import (
+    ModelProvider,
     ModelRequest,
     ModelResponse,
+    PermanentProviderError,
     ProviderError,
+    RateLimitedProviderError,
     ToolCallRequest,
     TransientProviderError,
     resolve_route,
@@ -49,6 +52,9 @@ from .providers import (
 logger = logging.getLogger(__name__)
 
 SESSION_HISTORY_RUNS = 20
+# A step the provider answers 429 is put off this many times without spending an attempt;
+# after that a 429 counts as a failed attempt, so a provider that never relents fails the run.
+MAX_THROTTLED = 20
 # The built-in tool a model calls to ask a human; it is always held for a reviewer.
 ESCALATE_TOOL = "escalate_to_human"
 
@@ -173,8 +179,13 @@ def reopen_failed_run(run: Run, *, step: Step, by: audit.Actor) -> bool:
     """A failed run goes back to running from ``step`` (its failed model step, which gets fresh
     attempts); the error it had is kept in the audit event. Under the run's lock."""
     previous = {"error_code": run.error_code, "error": run.error, "step_index": step.index}
+    # Fresh attempts on every route: what failed before (maybe a provider now fixed) is forgotten.
+    request = {
+        k: v for k, v in (step.request or {}).items() if k not in ("route_failures", "throttled")
+    }
     Step.objects.filter(pk=step.pk).update(
         status=Step.Status.PENDING,
+        request=request,
         attempts=0,
         error="",
         not_before=None,
@@ -358,6 +369,7 @@ class ModelStepPlan:
     step: Step
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]]
+    estimate: int  # the call's input tokens, roughly (for rate limits)
 
 
 @dataclass
@@ -392,7 +404,7 @@ def _allowance(run: Run) -> int:
 
 
 def _step_limit(run: Run) -> int:
-    return int(run.agent_version.max_steps * _allowance(run))
+    return governance.Budget.of(run, _allowance(run)).max_steps
 
 
 def _budget_exhausted(run: Run, last: Step | None, message: str) -> None:
@@ -449,7 +461,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             # of=("self",): lock the run only, not the shared version row that every new run
             # of the agent references (that made submissions wait on workers, and deadlock).
             Run.objects.select_for_update(of=("self",))
-            .select_related("agent_version")
+            .select_related("agent_version", "agent")
             .filter(pk=run_id)
             .first()
         )
@@ -487,7 +499,7 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 if last.not_before is not None and last.not_before > _now():
                     return None  # backing off; the delayed nudge (or the reconciler) comes back
                 if last.status == Step.Status.RUNNING:
-                    if last.attempts >= settings.AGENTSITE_STEP_MAX_ATTEMPTS:
+                    if last.attempts >= governance.max_attempts(run):
                         Step.objects.filter(pk=last.pk, status=Step.Status.RUNNING).update(
                             status=Step.Status.FAILED,
                             error=f"the worker performing attempt {last.attempts} (the last "
@@ -520,8 +532,9 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 if not claimed:
                     return None
                 last.refresh_from_db()
+                messages, tools = build_messages(run, steps[:-1]), _offered_schemas(run)
                 return ModelStepPlan(
-                    run, last, build_messages(run, steps[:-1]), _offered_schemas(run)
+                    run, last, messages, tools, governance.estimate_input(messages, tools)
                 )
             if not (
                 last.status == Step.Status.SUCCEEDED and (last.response or {}).get("output_errors")
@@ -529,15 +542,21 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 return None  # done; the run's status already reflects its outcome
             # else: the answer failed the output schema; a repair turn follows.
 
-        version = run.agent_version
-        step_limit = _step_limit(run)
-        if len(steps) >= step_limit:
-            _budget_exhausted(run, last, f"the run reached its limit of {step_limit} steps")
-            return None
-        used = run.input_tokens + run.output_tokens
-        token_limit = version.max_tokens_per_run * _allowance(run)
-        if token_limit and used >= token_limit:
-            _budget_exhausted(run, last, f"the run used {used} tokens; its limit is {token_limit}")
+        tools = _offered_schemas(run)
+        messages = build_messages(run, steps)
+        estimate = governance.estimate_input(messages, tools)
+        routine = governance.is_routine(run, steps)
+        started = run.started_at or _now()
+        problem = governance.budget_problem(
+            run,
+            governance.Budget.of(run, _allowance(run)),
+            steps=len(steps),
+            estimate=estimate,
+            route=governance.candidate_routes(run, routine=routine)[0],
+            elapsed=(_now() - started).total_seconds(),
+        )
+        if problem:
+            _budget_exhausted(run, last, problem)
             return None
         if _refused_turns_in_a_row(steps) >= settings.AGENTSITE_MAX_REFUSALS:
             _fail(
@@ -548,7 +567,6 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             )
             return None
 
-        tools = _offered_schemas(run)
         step = Step.objects.create(
             run=run,
             index=last.index + 1 if last else 0,
@@ -558,10 +576,10 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             lease_expires_at=_lease(),
             started_at=_now(),
             model_route=run.model_route,
-            request={"tools": [t["function"]["name"] for t in tools]},
+            request={"tools": [t["function"]["name"] for t in tools], "routine": routine},
         )
         mark_progress(run)
-        return ModelStepPlan(run, step, build_messages(run, steps), tools)
+        return ModelStepPlan(run, step, messages, tools, estimate)
 
 
 def _offered_schemas(run: Run) -> list[dict[str, Any]]:
@@ -579,9 +597,28 @@ def advance(run_id: UUID | str) -> Outcome:
         return Outcome()
     run, step = plan.run, plan.step
     version = run.agent_version
+    routine = bool((step.request or {}).get("routine"))
+    choice = governance.choose_route(
+        governance.candidate_routes(run, routine=routine),
+        (step.request or {}).get("route_failures") or {},
+    )
+    if choice.route is None:
+        why = "; ".join(f"{r}: {reason}" for r, reason in choice.skipped.items())
+        if choice.exhausted:
+            return _model_step_failed(step, PermanentProviderError(f"no route left ({why})"))
+        return _model_step_failed(
+            step,
+            TransientProviderError(f"no route is available ({why})", retry_after=choice.retry_in),
+        )
+    route = choice.route
     started = time.monotonic()
+    quotas: list[limits.Quota] = []
     try:
-        provider, model = resolve_route(run.model_route)
+        provider, model = resolve_route(route)
+        quotas = _quotas(run, provider, plan.estimate)
+        wait = limits.acquire(quotas, window=settings.AGENTSITE_RATE_WINDOW_SECONDS)
+        if wait is not None:
+            return _put_off(step, wait, route=route, reason="rate_limited")
         release_connection()  # no connection is pinned while the model thinks
         with soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"):
             response = provider.complete(
@@ -595,21 +632,35 @@ def advance(run_id: UUID | str) -> Outcome:
                 )
             )
     except SoftTimeLimitExceeded:
+        governance.report(route, ok=False)
         return _model_step_failed(
             step,
             TransientProviderError("the model call exceeded the step's soft time limit"),
+            route=route,
         )
+    except RateLimitedProviderError as exc:
+        # The provider's own limit: every worker holds back (not only this step), and the
+        # step waits without spending an attempt, a few times.
+        throttled = int((step.request or {}).get("throttled", 0))
+        wait = backoff_seconds(throttled + 1, exc.retry_after)
+        limits.pause(_provider_key(route), wait)
+        if throttled < MAX_THROTTLED:
+            return _put_off(step, wait, route=route, reason="provider_429", throttled=throttled + 1)
+        return _model_step_failed(step, exc, route=route)
     except ProviderError as exc:
-        return _model_step_failed(step, exc)
+        governance.report(route, ok=False)
+        return _model_step_failed(step, exc, route=route)
     except DatabaseError as exc:  # e.g. reading the provider's row during a Postgres restart
         return _model_step_failed(step, TransientProviderError(f"database unavailable: {exc}"))
     except Exception as exc:  # a bug, not a provider problem: fail visibly, do not loop
         logger.exception("model step %s of run %s crashed", step.index, run.pk)
         return _model_step_failed(step, exc)
+    governance.report(route, ok=True)
+    _settle_tokens(quotas, response, time.monotonic() - started)
     latency_ms = int((time.monotonic() - started) * 1000)
     # The answer is paid for: ride out a database outage rather than throw it away.
     ride_out_outage(
-        lambda: _record_model_answer(step, response, latency_ms),
+        lambda: _record_model_answer(step, response, latency_ms, route=route),
         f"recording step {step.index} of run {run.pk}",
         # What is left of the task's hard time limit (the call ran within the soft one).
         within=settings.AGENTSITE_STEP_HARD_TIME_LIMIT - (time.monotonic() - started) - 2,
@@ -617,44 +668,162 @@ def advance(run_id: UUID | str) -> Outcome:
     return Outcome()
 
 
-def _model_step_failed(step: Step, exc: Exception) -> Outcome:
+def _provider_key(route: str) -> str:
+    return f"provider:{route.partition(':')[0]}:requests"
+
+
+def _quotas(run: Run, provider: ModelProvider, estimate: int) -> list[limits.Quota]:
+    """The rate limits a call spends: the provider's (its requests quota always, so that a
+    429's pause holds every worker back) and the agent's, each per minute."""
+    if provider.name == "scripted":
+        return []
+    agent = run.agent
+    never = 2**31 - 1  # a quota with no limit still carries the provider's pause
+    quotas = [
+        limits.Quota(f"provider:{provider.name}:requests", provider.requests_per_minute or never, 1)
+    ]
+    if provider.tokens_per_minute:
+        quotas.append(
+            limits.Quota(f"provider:{provider.name}:tokens", provider.tokens_per_minute, estimate)
+        )
+    if agent.requests_per_minute:
+        quotas.append(limits.Quota(f"agent:{agent.pk}:requests", agent.requests_per_minute, 1))
+    if agent.tokens_per_minute:
+        quotas.append(limits.Quota(f"agent:{agent.pk}:tokens", agent.tokens_per_minute, estimate))
+    return quotas
+
+
+def _settle_tokens(quotas: list[limits.Quota], response: ModelResponse, took: float) -> None:
+    """Charge the token quotas what the call used instead of its estimate. A refund is only
+    taken while the call's own charge is still inside the window (limits.settle gives back
+    from the oldest units it holds: after a longer call those would be other calls')."""
+    window = settings.AGENTSITE_RATE_WINDOW_SECONDS
+    actual = count(response.input_tokens) + count(response.output_tokens)
+    for quota in quotas:
+        delta = actual - min(quota.cost, quota.limit)
+        if quota.key.endswith(":tokens") and delta and (delta > 0 or took < window):
+            limits.settle(quota.key, delta, window=window)
+
+
+def _put_off(step: Step, wait: float, *, route: str, reason: str, throttled: int = 0) -> Outcome:
+    """Give the claimed step back unspent (a rate limit, ours or the provider's, says wait):
+    pending again, its attempt returned, not before ``wait`` seconds. No worker slot waits."""
+    with transaction.atomic(), audit.batched():
+        run = Run.objects.select_for_update(of=("self",)).get(pk=step.run_id)
+        request = dict(step.request or {})
+        if throttled:
+            request["throttled"] = throttled
+        if run.status != Run.Status.RUNNING:
+            Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
+                status=Step.Status.CANCELLED, lease_expires_at=None, finished_at=_now()
+            )
+            return Outcome()
+        returned = Step.objects.filter(
+            pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
+        ).update(
+            status=Step.Status.PENDING,
+            attempts=F("attempts") - 1,
+            lease_expires_at=None,
+            not_before=_now() + timedelta(seconds=wait),
+            request=request,
+        )
+        if not returned:
+            return Outcome()
+        audit.record(
+            "step.rate_limited",
+            run=run,
+            step_index=step.index,
+            payload={"route": route, "reason": reason, "retry_in": round(wait, 2)},
+        )
+        Run.objects.filter(pk=run.pk).update(updated_at=_now())
+    return Outcome(retry_in=countdown(wait))
+
+
+def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) -> Outcome:
+    """Record a failed attempt: move to the next route (at once after a non-retryable error or
+    once this route has failed AGENTSITE_FALLBACK_AFTER times), retry after a backoff, or fail
+    the step and the run when no attempt or route is left."""
     transient = isinstance(exc, ProviderError) and exc.transient
     code = exc.code if isinstance(exc, ProviderError) else "internal_error"
     message = json_safe(
         str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
     )
-    max_attempts = settings.AGENTSITE_STEP_MAX_ATTEMPTS
     with transaction.atomic(), audit.batched():
-        run = Run.objects.select_for_update().get(pk=step.run_id)
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .select_related("agent_version")
+            .get(pk=step.run_id)
+        )
         if run.status != Run.Status.RUNNING:  # cancelled meanwhile: no retry, no failure
             Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
                 status=Step.Status.CANCELLED, error=message, lease_expires_at=None
             )
             return Outcome()
-        if transient and step.attempts < max_attempts:
-            delay = backoff_seconds(step.attempts, getattr(exc, "retry_after", None))
+        request = dict(step.request or {})
+        failures = dict(request.get("route_failures") or {})
+        next_route = None
+        if route is not None and isinstance(exc, ProviderError):
+            entry = dict(failures.get(route) or {})
+            if transient:
+                entry["transient"] = int(entry.get("transient", 0)) + 1
+            else:
+                entry["permanent"] = message[:500]
+            failures[route] = entry
+            request["route_failures"] = failures
+            routes = governance.candidate_routes(run, routine=bool(request.get("routine")))
+            usable = [r for r in routes if not (failures.get(r) or {}).get("permanent")]
+            moving_on = not transient or (
+                entry["transient"] >= settings.AGENTSITE_FALLBACK_AFTER and usable[-1:] != [route]
+            )
+            if moving_on and usable and usable != [route]:
+                next_route = next(r for r in usable if r != route)
+        retryable = transient or next_route is not None
+        if retryable and step.attempts < governance.max_attempts(run):
+            delay = (
+                0.0
+                if next_route is not None
+                else backoff_seconds(step.attempts, getattr(exc, "retry_after", None))
+            )
             claimed = Step.objects.filter(
                 pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
             ).update(
                 status=Step.Status.PENDING,
                 error=message,
                 lease_expires_at=None,
-                not_before=_now() + timedelta(seconds=delay),
+                not_before=_now() + timedelta(seconds=delay) if delay else None,
+                request=request,
             )
             if not claimed:
                 return Outcome()
-            audit.record(
-                "step.retry_scheduled",
-                run=run,
-                step_index=step.index,
-                payload={"attempt": step.attempts, "error": message, "retry_in": round(delay, 2)},
-            )
+            if next_route is not None:
+                audit.record(
+                    "step.fallback",
+                    run=run,
+                    step_index=step.index,
+                    payload={"from": route, "to": next_route, "error": message},
+                )
+            else:
+                audit.record(
+                    "step.retry_scheduled",
+                    run=run,
+                    step_index=step.index,
+                    payload={
+                        "attempt": step.attempts,
+                        "route": route,
+                        "error": message,
+                        "retry_in": round(delay, 2),
+                    },
+                )
             Run.objects.filter(pk=run.pk).update(updated_at=_now())
             return Outcome(retry_in=countdown(delay))
         claimed = Step.objects.filter(
             pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
         ).update(
-            status=Step.Status.FAILED, error=message, finished_at=_now(), lease_expires_at=None
+            status=Step.Status.FAILED,
+            error=message,
+            finished_at=_now(),
+            lease_expires_at=None,
+            request=request,
         )
         if not claimed:
             return Outcome()
@@ -662,7 +831,7 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
             "step.failed",
             run=run,
             step_index=step.index,
-            payload={"attempts": step.attempts, "error": message},
+            payload={"attempts": step.attempts, "route": route, "error": message},
         )
         if transient:
             message = f"gave up after {step.attempts} attempts: {message}"
@@ -670,7 +839,9 @@ def _model_step_failed(step: Step, exc: Exception) -> Outcome:
     return Outcome()
 
 
-def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -> None:
+def _record_model_answer(
+    step: Step, response: ModelResponse, latency_ms: int, *, route: str
+) -> None:
     with transaction.atomic(), audit.batched():
         run = (
             Run.objects.select_for_update(of=("self",))
@@ -679,16 +850,19 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
         )
         response.input_tokens = count(response.input_tokens)
         response.output_tokens = count(response.output_tokens)
+        cost = governance.cost_of(route, response.input_tokens, response.output_tokens)
         recorded = Step.objects.filter(
             pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
         ).update(
             status=Step.Status.SUCCEEDED
             if run.status == Run.Status.RUNNING
             else Step.Status.CANCELLED,
+            model_route=route,
             response=json_safe(response.to_json()),
             error="",
             input_tokens=response.input_tokens,
             output_tokens=response.output_tokens,
+            cost=cost or 0,
             latency_ms=latency_ms,
             finished_at=_now(),
             lease_expires_at=None,
@@ -696,27 +870,33 @@ def _record_model_answer(step: Step, response: ModelResponse, latency_ms: int) -
         if not recorded:
             logger.info("run %s step %s: answer discarded, claim lost", run.pk, step.index)
             return
+        step.model_route = route
         Run.objects.filter(pk=run.pk).update(
             input_tokens=F("input_tokens") + response.input_tokens,
             output_tokens=F("output_tokens") + response.output_tokens,
+            cost=F("cost") + (cost or 0),
             updated_at=_now(),
         )
         # The row is locked by us since it was read: its totals are what we just added to.
         run.input_tokens += response.input_tokens
         run.output_tokens += response.output_tokens
+        run.cost += cost or 0
         audit.record(
             "step.succeeded" if run.status == Run.Status.RUNNING else "step.discarded",
             run=run,
             step_index=step.index,
-            by=audit.Actor.agent(run.model_route),
+            by=audit.Actor.agent(route),
             payload={
                 "kind": "model",
+                "route": route,
+                **({"instead_of": run.model_route} if route != run.model_route else {}),
                 "model": response.raw_model,
                 "finish_reason": response.finish_reason,
                 "tool_calls": [c.name for c in response.tool_calls],
                 "input_tokens": response.input_tokens,
                 "output_tokens": response.output_tokens,
                 "usage_reported": response.usage_reported,
+                "cost": None if cost is None else str(cost),
                 "latency_ms": latency_ms,
             },
         )
@@ -887,7 +1067,7 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
             "tool_call.requested",
             run=run,
             step_index=step.index,
-            by=audit.Actor.agent(run.model_route),
+            by=audit.Actor.agent(model_step.model_route or run.model_route),
             payload={"tool": call.name, "call_id": call.id, "mode": verdict.mode},
         )
         if status == Step.Status.AWAITING_APPROVAL and call.name == ESCALATE_TOOL:

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
 ROUTE_VALIDATOR = RegexValidator(
@@ -21,6 +21,27 @@ ROUTE_VALIDATOR = RegexValidator(
 
 def new_trace_id() -> str:
     return uuid.uuid4().hex
+
+
+def routes_problem(routes: Any) -> str:
+    """What is wrong with a list of fallback routes (for its form), or ""."""
+    if not isinstance(routes, list):
+        return 'A list of routes, e.g. ["local:llama-3.1-8b"].'
+    for route in routes:
+        try:
+            ROUTE_VALIDATOR(route if isinstance(route, str) else "")
+        except ValidationError:
+            return f"{route!r} is not a route: use 'provider:model'."
+    if len(set(routes)) != len(routes):
+        return "A route is listed twice."
+    return ""
+
+
+class RoutineSteps(models.TextChoices):
+    """Which model turns the agent's routine route (a cheaper model) may answer."""
+
+    NONE = "", "none: every turn uses the primary route"
+    AFTER_TOOLS = "after_tools", "turns that read tool results"
 
 
 POLICY_CHOICES = {
@@ -84,9 +105,59 @@ class Agent(models.Model):
     max_tokens_per_run = models.PositiveIntegerField(
         default=100_000, help_text="Input plus output tokens per run; 0 means no limit."
     )
+    max_input_tokens = models.PositiveIntegerField(
+        default=0, help_text="Input tokens per run; 0 means no limit."
+    )
+    max_output_tokens = models.PositiveIntegerField(
+        default=0, help_text="Output tokens per run; 0 means no limit."
+    )
+    max_cost = models.DecimalField(
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="Cost per run, in the price table's currency; 0 means no limit.",
+    )
+    max_wall_seconds = models.PositiveIntegerField(
+        default=0, help_text="Seconds from a run's start to its last model call; 0: no limit."
+    )
+    fallback_routes = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Routes tried in order when the primary fails, e.g. ["backup:gpt-4o-mini"].',
+    )
+    routine_route = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[ROUTE_VALIDATOR],
+        help_text="A cheaper route for routine turns (see routine steps); blank: none.",
+    )
+    routine_steps = models.CharField(
+        max_length=20, blank=True, choices=RoutineSteps.choices, default=RoutineSteps.NONE
+    )
     temperature = models.FloatField(default=0.0)
     escalation_policy = models.JSONField(
         default=dict, blank=True, help_text="When to ask a human (used by the review queue)."
+    )
+    # Live settings, not part of a version: changing them publishes nothing.
+    requests_per_minute = models.PositiveIntegerField(
+        default=0, help_text="Model calls per minute across all workers; 0 means no limit."
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        default=0, help_text="Model tokens per minute across all workers; 0 means no limit."
+    )
+    canary_version = models.ForeignKey(
+        "AgentVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="A version rolled out to a share of new runs (canary_percent).",
+    )
+    canary_percent = models.PositiveSmallIntegerField(
+        default=0,
+        validators=[MaxValueValidator(100)],
+        help_text="Share of new runs (0-100) that use the canary version.",
     )
     output_schema = models.JSONField(
         null=True, blank=True, help_text="Optional JSON schema the final answer must satisfy."
@@ -123,6 +194,11 @@ class Agent(models.Model):
             errors["script"] = "A list of turns."
         if self.output_schema is not None and not isinstance(self.output_schema, dict):
             errors["output_schema"] = "A JSON schema object."
+        routes = routes_problem(self.fallback_routes)
+        if routes:
+            errors["fallback_routes"] = routes
+        if self.routine_steps and not self.routine_route:
+            errors["routine_route"] = "Routine steps need a routine route."
         if not isinstance(self.escalation_policy, dict):
             errors["escalation_policy"] = "A JSON object."
         else:
@@ -152,6 +228,14 @@ class Agent(models.Model):
             "grants": grants,
             "max_steps": self.max_steps,
             "max_tokens_per_run": self.max_tokens_per_run,
+            "max_input_tokens": self.max_input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+            # As text with its six places, so 0 and 0.000000 (from the form) are one version.
+            "max_cost": f"{Decimal(self.max_cost or 0):.6f}",
+            "max_wall_seconds": self.max_wall_seconds,
+            "fallback_routes": self.fallback_routes,
+            "routine_route": self.routine_route,
+            "routine_steps": self.routine_steps,
             "temperature": self.temperature,
             "escalation_policy": self.escalation_policy,
             "output_schema": self.output_schema,
@@ -171,6 +255,13 @@ class AgentVersion(models.Model):
     grants = models.JSONField(default=dict)
     max_steps = models.PositiveIntegerField()
     max_tokens_per_run = models.PositiveIntegerField()
+    max_input_tokens = models.PositiveIntegerField(default=0)
+    max_output_tokens = models.PositiveIntegerField(default=0)
+    max_cost = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    max_wall_seconds = models.PositiveIntegerField(default=0)
+    fallback_routes = models.JSONField(default=list)
+    routine_route = models.CharField(max_length=200, blank=True)
+    routine_steps = models.CharField(max_length=20, blank=True, choices=RoutineSteps.choices)
     temperature = models.FloatField(default=0.0)
     escalation_policy = models.JSONField(default=dict)
     output_schema = models.JSONField(null=True, blank=True)
@@ -202,7 +293,20 @@ class AgentVersion(models.Model):
 
     @staticmethod
     def digest_of(snapshot: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
+        # default=str: max_cost is a Decimal (its text is exact).
+        text = json.dumps(snapshot, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def budget(self) -> dict[str, Any]:
+        """The version's limits, in the shape a run's ``budget`` overrides (0: no limit)."""
+        return {
+            "max_steps": self.max_steps,
+            "max_tokens": self.max_tokens_per_run,
+            "max_input_tokens": self.max_input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+            "max_cost": str(self.max_cost),
+            "max_wall_seconds": self.max_wall_seconds,
+        }
 
 
 class ApiKey(models.Model):
@@ -291,6 +395,9 @@ class Run(models.Model):
     )
     input = models.JSONField()
     metadata = models.JSONField(default=dict, blank=True)
+    # The limits this run has (AgentVersion.budget(), tightened by the client at submission).
+    # Empty on runs from before budgets were recorded per run: the version's apply.
+    budget = models.JSONField(default=dict, blank=True)
     # A client's Idempotency-Key and the digest of the request it came with.
     idempotency_key = models.CharField(max_length=200, blank=True)
     request_digest = models.CharField(max_length=64, blank=True)
@@ -373,6 +480,7 @@ class Step(models.Model):
     not_before = models.DateTimeField(null=True, blank=True)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -404,6 +512,12 @@ class ModelProvider(models.Model):
     base_url = models.URLField(max_length=500)
     api_key_encrypted = models.TextField(blank=True, editable=False)
     timeout_seconds = models.FloatField(default=60.0, validators=[MinValueValidator(0.1)])
+    requests_per_minute = models.PositiveIntegerField(
+        default=0, help_text="The provider's request limit, kept by all workers; 0: none."
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        default=0, help_text="The provider's token limit, kept by all workers; 0: none."
+    )
     enabled = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -420,6 +534,31 @@ class ModelProvider(models.Model):
     @property
     def has_api_key(self) -> bool:
         return bool(self.api_key_encrypted)
+
+
+class ModelPrice(models.Model):
+    """What a model costs, per million tokens. ``route`` is 'provider:model', or 'provider:*'
+    for every model of a provider without a row of its own."""
+
+    route = models.CharField(
+        max_length=200,
+        unique=True,
+        validators=[ROUTE_VALIDATOR],
+        help_text="provider:model, or provider:* for the provider's other models",
+    )
+    input_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(Decimal("0"))]
+    )
+    output_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, validators=[MinValueValidator(Decimal("0"))]
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["route"]
+
+    def __str__(self) -> str:
+        return f"{self.route}: {self.input_per_million} in / {self.output_per_million} out"
 
 
 class AuditEvent(models.Model):

@@ -120,6 +120,15 @@ class RunCreateSerializer(StrictSerializer):
         help_text="POSTed the run's final representation, signed (see the README).",
     )
 
+    budget = serializers.DictField(
+        required=False,
+        help_text=(
+            "Tighter limits for this run than the agent's: max_steps, max_tokens, "
+            "max_input_tokens, max_output_tokens, max_cost (a decimal string or number), "
+            "max_wall_seconds. A limit may be lowered, never raised."
+        ),
+    )
+
     def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
         if len(json.dumps(value)) > MAX_METADATA_BYTES:
             raise serializers.ValidationError(f"At most {MAX_METADATA_BYTES} bytes of JSON.")
@@ -142,6 +151,17 @@ class UsageSerializer(serializers.Serializer):
     cost = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=True)
 
 
+class BudgetSerializer(serializers.Serializer):
+    """A run's limits (0: none). Crossing one stops the run before its next model call."""
+
+    max_steps = serializers.IntegerField()
+    max_tokens = serializers.IntegerField()
+    max_input_tokens = serializers.IntegerField()
+    max_output_tokens = serializers.IntegerField()
+    max_cost = serializers.CharField(help_text="A decimal string.")
+    max_wall_seconds = serializers.IntegerField()
+
+
 class WebhookSerializer(serializers.Serializer):
     url = serializers.CharField()
     status = serializers.CharField()
@@ -162,6 +182,7 @@ class RunSerializer(serializers.ModelSerializer):
     result = serializers.JSONField(allow_null=True)
     error = serializers.SerializerMethodField()
     usage = serializers.SerializerMethodField()
+    budget = serializers.SerializerMethodField()
     session = serializers.SlugRelatedField(slug_field="key", read_only=True, allow_null=True)
     webhook = serializers.SerializerMethodField()
     pending_approval = serializers.SerializerMethodField()
@@ -178,6 +199,7 @@ class RunSerializer(serializers.ModelSerializer):
             "result",
             "error",
             "usage",
+            "budget",
             "session",
             "metadata",
             "model_route",
@@ -204,6 +226,10 @@ class RunSerializer(serializers.ModelSerializer):
             "output_tokens": run.output_tokens,
             "cost": f"{run.cost:.6f}",
         }
+
+    @extend_schema_field(BudgetSerializer)
+    def get_budget(self, run: Run) -> dict[str, Any]:
+        return {**run.agent_version.budget(), **(run.budget or {})}
 
     @extend_schema_field(WebhookSerializer(allow_null=True))
     def get_webhook(self, run: Run) -> dict[str, Any] | None:
@@ -267,6 +293,7 @@ class StepSerializer(serializers.ModelSerializer):
             "latency_ms",
             "input_tokens",
             "output_tokens",
+            "cost",
             "created_at",
             "started_at",
             "finished_at",
@@ -318,3 +345,32 @@ class RunFilterSerializer(StrictSerializer):
     created_before = serializers.DateTimeField(required=False)
     limit = serializers.IntegerField(required=False, min_value=1)
     offset = serializers.IntegerField(required=False, min_value=0)
+
+
+class UsageFilterSerializer(StrictSerializer):
+    format = serializers.CharField(required=False)
+    group_by = serializers.ChoiceField(
+        choices=["agent", "version", "api_key", "model"], required=False, default="agent"
+    )
+    since = serializers.DateTimeField(required=False, help_text="Runs created at or after.")
+    until = serializers.DateTimeField(required=False, help_text="Runs created before.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        since, until = attrs.get("since"), attrs.get("until")
+        if since is not None and until is not None and until <= since:
+            raise serializers.ValidationError({"until": "Must be after since."})
+        return attrs
+
+
+class UsageReportSerializer(serializers.Serializer):
+    group_by = serializers.CharField()
+    since = serializers.DateTimeField(allow_null=True)
+    until = serializers.DateTimeField(allow_null=True)
+    groups = serializers.ListField(
+        child=serializers.DictField(),
+        help_text=(
+            "Per group: its key (agent; agent and version; api_key and api_key_name; or "
+            "model), runs, succeeded, failed, cancelled, success_rate, input_tokens, "
+            "output_tokens, cost, cost_per_run (model: runs, calls, failed_calls, tokens, cost)."
+        ),
+    )

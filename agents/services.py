@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from . import apikeys, audit
+from . import apikeys, audit, governance
 from .audit import Actor
 from .dispatch import advance_run_on_commit
 from .exceptions import (
@@ -33,29 +35,148 @@ from .webhooks import check_webhook_url
 MAX_INPUT_BYTES = 256 * 1024
 
 
-def publish_agent_version(*, agent: Agent, user: User | None = None) -> AgentVersion:
-    """Freeze the agent's configuration as a new version, unless it equals the current one.
+def publish_agent_version(
+    *, agent: Agent, user: User | None = None, canary_percent: int = 0
+) -> AgentVersion:
+    """Freeze the agent's configuration as a new version, unless it equals the current one
+    (or, for a canary, the canary).
 
-    Runs already started keep the version they pinned. Call inside a transaction.
+    With ``canary_percent`` (1-99) the new version is a canary: that share of new runs use it,
+    the rest keep the current version, until it is promoted or rolled back. Without, it becomes
+    the current version and any canary ends. Runs already started keep the version they
+    pinned. Call inside a transaction.
     """
+    if not 0 <= canary_percent <= 99:
+        raise ValidationError({"canary_percent": "A canary takes 1 to 99 percent of new runs."})
     snapshot = agent.snapshot()
     digest = AgentVersion.digest_of(snapshot)
     Agent.objects.select_for_update(no_key=True).filter(pk=agent.pk).first()
-    current = agent.current_version
-    if current is not None and current.digest == digest:
+    current, canary = agent.current_version, agent.canary_version
+    if canary_percent and current is not None:
+        if canary is not None and canary.digest == digest:
+            if agent.canary_percent != canary_percent:
+                _set_canary(agent, canary, canary_percent, user)
+            return canary
+        if current.digest == digest:
+            return current
+    elif current is not None and current.digest == digest:
+        if canary is not None:
+            _set_canary(agent, None, 0, user, action="agent.canary_rolled_back")
         return current
     number = (agent.versions.aggregate(n=Max("number"))["n"] or 0) + 1
     version = AgentVersion.objects.create(
         agent=agent, number=number, digest=digest, created_by=user, **snapshot
     )
-    Agent.objects.filter(pk=agent.pk).update(current_version=version)
-    agent.current_version = version
     audit.record(
         "agent.version_published",
         payload={"agent": agent.slug, "version": number, "digest": digest},
         by=Actor.user(user),
     )
+    if canary_percent and current is not None:
+        _set_canary(agent, version, canary_percent, user)
+        return version
+    Agent.objects.filter(pk=agent.pk).update(
+        current_version=version, canary_version=None, canary_percent=0
+    )
+    agent.current_version, agent.canary_version, agent.canary_percent = version, None, 0
     return version
+
+
+def _set_canary(
+    agent: Agent,
+    version: AgentVersion | None,
+    percent: int,
+    user: User | None,
+    *,
+    action: str = "agent.canary_started",
+) -> None:
+    Agent.objects.filter(pk=agent.pk).update(canary_version=version, canary_percent=percent)
+    agent.canary_version, agent.canary_percent = version, percent
+    audit.record(
+        action,
+        payload={
+            "agent": agent.slug,
+            "version": version.number if version else None,
+            "percent": percent,
+            "current": agent.current_version.number if agent.current_version else None,
+        },
+        by=Actor.user(user),
+    )
+
+
+@transaction.atomic
+def promote_canary(*, agent: Agent, user: User | None = None) -> AgentVersion:
+    """The canary becomes the current version for every new run."""
+    agent = Agent.objects.select_for_update(no_key=True).get(pk=agent.pk)
+    canary = agent.canary_version
+    if canary is None:
+        raise ValidationError(f"agent {agent.slug!r} has no canary to promote")
+    previous = agent.current_version
+    Agent.objects.filter(pk=agent.pk).update(
+        current_version=canary, canary_version=None, canary_percent=0
+    )
+    audit.record(
+        "agent.canary_promoted",
+        payload={
+            "agent": agent.slug,
+            "version": canary.number,
+            "previous": previous.number if previous else None,
+        },
+        by=Actor.user(user),
+    )
+    return canary
+
+
+@transaction.atomic
+def roll_back_canary(*, agent: Agent, user: User | None = None) -> AgentVersion | None:
+    """New runs stop using the canary. The agent's editable configuration (and its tool
+    grants) go back to the current version's, so the next save does not republish the
+    rolled-back one. Returns the version rolled back, or None if there was no canary."""
+    agent = Agent.objects.select_for_update(no_key=True).get(pk=agent.pk)
+    canary, current = agent.canary_version, agent.current_version
+    if canary is None or current is None:
+        return None
+    for field in (
+        "model_route",
+        "system_prompt",
+        "max_steps",
+        "max_tokens_per_run",
+        "max_input_tokens",
+        "max_output_tokens",
+        "max_cost",
+        "max_wall_seconds",
+        "fallback_routes",
+        "routine_route",
+        "routine_steps",
+        "temperature",
+        "escalation_policy",
+        "output_schema",
+        "script",
+    ):
+        setattr(agent, field, getattr(current, field))
+    agent.canary_version, agent.canary_percent = None, 0
+    agent.save()
+    set_grants(agent=agent, grants=dict(current.grants or {}))
+    audit.record(
+        "agent.canary_rolled_back",
+        payload={"agent": agent.slug, "version": canary.number, "current": current.number},
+        by=Actor.user(user),
+    )
+    return canary
+
+
+def pick_version(agent: Agent, session: Session | None) -> AgentVersion | None:
+    """The version a new run uses: the canary for its share of runs, else the current one. A
+    session's runs all land on the same side (its id decides), so a conversation does not
+    switch prompts mid-way."""
+    canary, percent = agent.canary_version, agent.canary_percent
+    if canary is None or percent <= 0:
+        return agent.current_version
+    if session is not None:
+        bucket = int(hashlib.sha256(str(session.pk).encode()).hexdigest()[:8], 16) % 100
+    else:
+        bucket = secrets.randbelow(100)
+    return canary if bucket < percent else agent.current_version
 
 
 GrantSpec = str | dict[str, Any]
@@ -192,6 +313,7 @@ def submit_run(
     webhook_url: str = "",
     idempotency_key: str = "",
     request_digest: str = "",
+    budget: dict[str, Any] | None = None,
 ) -> Run:
     """Record a queued run pinned to the agent's current version and nudge a worker on commit.
 
@@ -201,7 +323,11 @@ def submit_run(
     published unless the run is committed.
     """
     if isinstance(agent, str):
-        found = Agent.objects.filter(slug=agent).select_related("current_version").first()
+        found = (
+            Agent.objects.filter(slug=agent)
+            .select_related("current_version", "canary_version")
+            .first()
+        )
         if found is None:
             raise AgentNotFound(f"no agent with slug {agent!r}")
         agent = found
@@ -211,6 +337,7 @@ def submit_run(
     if version is None:
         raise AgentUnavailable(f"agent {agent.slug!r} has no published version")
     value = _normalise_input(input)
+    run_budget = governance.run_budget(version, budget)
     if model_route:
         try:
             ROUTE_VALIDATOR(model_route)
@@ -231,6 +358,10 @@ def submit_run(
         run_session = _resolve_session(
             agent=agent, owner=owner, session=session, on_conflict=on_conflict
         )
+        picked = pick_version(agent, run_session) or version
+        if picked != version:
+            version = picked
+            run_budget = governance.run_budget(version, budget)
         run = Run.objects.create(
             agent=agent,
             agent_version=version,
@@ -240,6 +371,7 @@ def submit_run(
             model_route=model_route or version.model_route,
             input=value,
             metadata=metadata or {},
+            budget=run_budget,
             webhook_url=webhook_url,
             idempotency_key=idempotency_key,
             request_digest=request_digest,
@@ -251,8 +383,10 @@ def submit_run(
                 "agent": agent.slug,
                 "version": version.number,
                 "model_route": run.model_route,
+                **({"canary": True} if version == agent.canary_version else {}),
+                "budget": run_budget,
                 "session": run_session.key if run_session else None,
-                "api_key": api_key.prefix if api_key else None,
+                "api_key_prefix": api_key.prefix if api_key else None,
             },
             by=Actor.user(owner),
         )

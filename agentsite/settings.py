@@ -7,12 +7,16 @@ Postgres and Redis, as docker-compose.yml and production do.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from agentsite import redaction as _redaction
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("AGENTSITE_DATA_DIR", BASE_DIR / ".data"))
@@ -64,6 +68,18 @@ if not SECRET_KEY:
         )
     SECRET_KEY = "insecure-development-key-do-not-use-in-production"  # noqa: S105
 
+# The HMAC key of the audit trail's hash chain (audittrail.chain). It must not change once events
+# are sealed: every seal made with the old key would then fail verify_audit. The default is
+# derived from SECRET_KEY, so set this explicitly before rotating SECRET_KEY.
+AGENTSITE_AUDIT_KEY = os.environ.get("AGENTSITE_AUDIT_KEY", "")
+if not AGENTSITE_AUDIT_KEY:
+    import hashlib as _hashlib
+    import hmac as _hmac
+
+    AGENTSITE_AUDIT_KEY = _hmac.new(
+        SECRET_KEY.encode(), b"agentsite-audit-chain", _hashlib.sha256
+    ).hexdigest()
+
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]" if DEBUG else "")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
@@ -80,6 +96,7 @@ INSTALLED_APPS = [
     "agents",
     "tools",
     "approvals",
+    "audittrail",
 ]
 
 MIDDLEWARE = [
@@ -291,6 +308,7 @@ CELERY_TASK_ROUTES = {
     "tools.execute_tool_call": {"queue": "tools"},
     "tools.deliver_outbox": {"queue": "maintenance"},
     "approvals.expire_overdue": {"queue": "maintenance"},
+    "audittrail.seal_audit": {"queue": "maintenance"},
 }
 # Task events cost three extra broker messages per task; Flower switches them on at run time
 # (it broadcasts enable_events), so they flow while someone watches. AGENTSITE_TASK_EVENTS=1
@@ -298,6 +316,8 @@ CELERY_TASK_ROUTES = {
 CELERY_WORKER_SEND_TASK_EVENTS = env_bool("AGENTSITE_TASK_EVENTS", False)
 CELERY_TASK_SEND_SENT_EVENT = CELERY_WORKER_SEND_TASK_EVENTS
 AGENTSITE_RECONCILE_INTERVAL = env_int("AGENTSITE_RECONCILE_INTERVAL", 30)
+# The audit trail is sealed into its hash chain this often (seconds); newer events wait for it.
+AGENTSITE_AUDIT_SEAL_INTERVAL = env_int("AGENTSITE_AUDIT_SEAL_INTERVAL", 5)
 CELERY_BEAT_SCHEDULE = {
     # Outbox rows whose on-commit nudge was lost (broker down) are delivered on the next pass.
     "deliver-outbox": {
@@ -314,6 +334,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "agents.reconcile_runs",
         "schedule": float(AGENTSITE_RECONCILE_INTERVAL),
         "options": {"expires": float(AGENTSITE_RECONCILE_INTERVAL)},
+    },
+    "seal-audit": {
+        "task": "audittrail.seal_audit",
+        "schedule": float(AGENTSITE_AUDIT_SEAL_INTERVAL),
+        "options": {"expires": float(AGENTSITE_AUDIT_SEAL_INTERVAL)},
     },
 }
 
@@ -376,8 +401,9 @@ EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10)
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "agentsite@localhost")
 
 # Named OpenAI-compatible providers: AGENTSITE_PROVIDER_<NAME>_BASE_URL, ..._API_KEY and
-# optionally ..._TIMEOUT (seconds). A route "local:llama-3.1-8b" uses provider "local".
-_provider_re = re.compile(r"^AGENTSITE_PROVIDER_([A-Z0-9_]+?)_(BASE_URL|API_KEY|TIMEOUT)$")
+# optionally ..._TIMEOUT (seconds), ..._RPM and ..._TPM (the provider's requests and tokens per
+# minute, kept across all workers). A route "local:llama-3.1-8b" uses provider "local".
+_provider_re = re.compile(r"^AGENTSITE_PROVIDER_([A-Z0-9_]+?)_(BASE_URL|API_KEY|TIMEOUT|RPM|TPM)$")
 AGENTSITE_PROVIDERS: dict[str, dict[str, str]] = {}
 for _key, _value in os.environ.items():
     _match = _provider_re.match(_key)
@@ -391,6 +417,46 @@ for _name, _conf in AGENTSITE_PROVIDERS.items():
         )
 if "scripted" in AGENTSITE_PROVIDERS:
     raise ImproperlyConfigured("provider name 'scripted' is reserved for the built-in provider")
+
+
+# Model prices per million tokens, {"provider:model" or "provider:*": {"input": x, "output": y}};
+# rows in the admin's model prices win. A run with a cost limit refuses unpriced models.
+def _price_table(name: str) -> dict[str, tuple[Decimal, Decimal]]:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return {}
+    try:
+        table = json.loads(text)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} is not JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object")
+    prices = {}
+    for route, price in table.items():
+        pair = [price.get("input"), price.get("output")] if isinstance(price, dict) else price
+        try:
+            values = tuple(Decimal(str(v)) for v in pair) if isinstance(pair, list) else ()
+        except InvalidOperation:
+            values = ()
+        if len(values) != 2 or not all(v.is_finite() and v >= 0 for v in values):
+            raise ImproperlyConfigured(
+                f"{name}[{route!r}]: give input and output prices per million tokens, e.g. "
+                '{"input": 0.15, "output": 0.6}'
+            )
+        prices[route] = (values[0], values[1])
+    return prices
+
+
+AGENTSITE_MODEL_PRICES = _price_table("AGENTSITE_MODEL_PRICES")
+# A model step moves to the next route after this many retryable failures on one route.
+AGENTSITE_FALLBACK_AFTER = env_int("AGENTSITE_FALLBACK_AFTER", 2)
+# The span of the per-minute rate limits (providers' and agents'), in seconds; 60 unless a
+# test compresses time.
+AGENTSITE_RATE_WINDOW_SECONDS = env_float("AGENTSITE_RATE_WINDOW_SECONDS", 60.0)
+# A model's answer larger than this (bytes on the wire, characters of text) is refused as
+# invalid (and the step falls back to the next route).
+AGENTSITE_MAX_MODEL_RESPONSE_BYTES = env_int("AGENTSITE_MAX_MODEL_RESPONSE_BYTES", 4_000_000)
+AGENTSITE_MAX_MODEL_OUTPUT_CHARS = env_int("AGENTSITE_MAX_MODEL_OUTPUT_CHARS", 200_000)
 
 # --- REST API ---------------------------------------------------------------------------------
 
@@ -415,6 +481,19 @@ AGENTSITE_EVENTS_MAX_SECONDS = env_int("AGENTSITE_EVENTS_MAX_SECONDS", 600)
 AGENTSITE_WEBHOOK_TIMEOUT = env_float("AGENTSITE_WEBHOOK_TIMEOUT", 10.0)
 AGENTSITE_WEBHOOK_MAX_ATTEMPTS = env_int("AGENTSITE_WEBHOOK_MAX_ATTEMPTS", 8)
 
+# --- Redaction --------------------------------------------------------------------------------
+# Personal data and secrets are replaced by markers in audit payloads and log messages
+# (agentsite/redaction.py). KINDS picks the built-in detectors (email, phone, card, secret);
+# PATTERNS adds your own as a JSON object {"name": "regex"}, each match becoming "[name]".
+# A bad kind or pattern stops start-up, naming it.
+AGENTSITE_REDACT = env_bool("AGENTSITE_REDACT", True)
+AGENTSITE_REDACT_KINDS = _redaction.parse_kinds(
+    env_list("AGENTSITE_REDACT_KINDS", ",".join(_redaction.KINDS))
+)
+AGENTSITE_REDACT_PATTERNS = _redaction.parse_patterns(
+    os.environ.get("AGENTSITE_REDACT_PATTERNS", "")
+)
+
 # --- Logging ----------------------------------------------------------------------------------
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
@@ -424,7 +503,12 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Every handler takes the redacting filter, so records propagated from any logger are
+    # redacted before they are written.
+    "filters": {"redact": {"()": "agentsite.redaction.RedactingFilter"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},

@@ -4,7 +4,7 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from agents.api import AgentViewSet, RunViewSet, whoami
+from agents.api import AgentViewSet, RunViewSet, usage_report, whoami
 from agents.events import run_events_view
 from approvals.api import ApprovalViewSet
 
@@ -30,6 +30,7 @@ urlpatterns = [
         name="run-events-stream",
     ),
     path("api/v1/whoami/", whoami, name="whoami"),
+    path("api/v1/usage/", usage_report, name="usage"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

@@ -180,6 +180,22 @@ class WorkerProcess:
         return dict(stats.get(self.name, {}).get("total", {}))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_model_limits() -> None:
+    """Each test starts with no rate-limit pause or open model circuit left by an earlier one
+    (they live in Redis, shared with the session's worker, and "fake" is every test's
+    provider)."""
+    if not settings.REDIS_URL:
+        return
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for pattern in ("agentsite:quota:*", "agentsite:breaker:model:*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+
+
 @pytest.fixture(scope="session")
 def celery_worker(
     django_db_setup: None,

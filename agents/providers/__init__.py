@@ -11,6 +11,7 @@ from .base import (
     ModelResponse,
     PermanentProviderError,
     ProviderError,
+    RateLimitedProviderError,
     ToolCallRequest,
     TransientProviderError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "ModelResponse",
     "PermanentProviderError",
     "ProviderError",
+    "RateLimitedProviderError",
     "ToolCallRequest",
     "TransientProviderError",
     "resolve_route",
@@ -62,6 +64,8 @@ def resolve_route(route: str) -> tuple[ModelProvider, str]:
                 base_url=row.base_url,
                 api_key=api_key,
                 timeout=_bounded(row.timeout_seconds),
+                requests_per_minute=row.requests_per_minute,
+                tokens_per_minute=row.tokens_per_minute,
             ),
             model,
         )
@@ -75,14 +79,19 @@ def resolve_route(route: str) -> tuple[ModelProvider, str]:
         )
     try:
         timeout = float(conf.get("timeout", 60))
+        rpm, tpm = int(conf.get("rpm") or 0), int(conf.get("tpm") or 0)
     except ValueError:
-        raise PermanentProviderError(f"provider {name!r}: TIMEOUT is not a number") from None
+        raise PermanentProviderError(
+            f"provider {name!r}: TIMEOUT, RPM and TPM are numbers"
+        ) from None
     return (
         OpenAICompatibleProvider(
             name=name,
             base_url=conf["base_url"],
             api_key=conf.get("api_key", ""),
             timeout=_bounded(timeout),
+            requests_per_minute=max(0, rpm),
+            tokens_per_minute=max(0, tpm),
         ),
         model,
     )

@@ -95,6 +95,13 @@ class TransientProviderError(ProviderError):
     code = "provider_unavailable"
 
 
+class RateLimitedProviderError(TransientProviderError):
+    """The provider said 429: wait (its Retry-After, if any) and ask again; not a failure of
+    the model, so it opens no circuit and spends no attempt."""
+
+    code = "provider_rate_limited"
+
+
 class PermanentProviderError(ProviderError):
     """Retrying will not help: bad request, auth, unknown model, or a nonsense answer."""
 
@@ -107,6 +114,9 @@ class InvalidProviderResponse(PermanentProviderError):
 
 class ModelProvider(Protocol):
     name: str
+    # The provider's own limits, kept across all workers (agents.limits); 0: none.
+    requests_per_minute: int
+    tokens_per_minute: int
 
     def complete(self, request: ModelRequest) -> ModelResponse: ...
 

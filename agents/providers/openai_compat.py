@@ -23,12 +23,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from django.conf import settings
 
 from .base import (
     InvalidProviderResponse,
     ModelRequest,
     ModelResponse,
     PermanentProviderError,
+    RateLimitedProviderError,
     ToolCallRequest,
     TransientProviderError,
     estimate_tokens,
@@ -107,27 +109,38 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(text: str) -> str:
     """The server's own words about an error: OpenAI's ``{"error": {"message": ...}}`` if it
     sent that, else the start of the body."""
     try:
-        data = response.json()
+        data = json.loads(text)
     except ValueError:
-        return response.text
+        return text
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return str(error["message"])
     if isinstance(error, str):
         return error
-    return response.text
+    return text
 
 
 class OpenAICompatibleProvider:
-    def __init__(self, *, name: str, base_url: str, api_key: str, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str,
+        timeout: float,
+        requests_per_minute: int = 0,
+        tokens_per_minute: int = 0,
+    ) -> None:
         self.name = name
         self.base_url = base_url
         self._api_key = api_key
         self.timeout = timeout
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
 
     def __repr__(self) -> str:  # never show the key
         return f"<OpenAICompatibleProvider {self.name} {self.base_url}>"
@@ -148,12 +161,25 @@ class OpenAICompatibleProvider:
         if request.tools:
             payload["tools"] = request.tools
         where = f"provider {self.name!r} ({_public_url(self.base_url)})"
+        limit = settings.AGENTSITE_MAX_MODEL_RESPONSE_BYTES
         try:
-            response = client.post(
+            request_ = client.build_request(
+                "POST",
                 "chat/completions",
                 content=json.dumps(payload),
                 headers={"Content-Type": "application/json"},
             )
+            response = client.send(request_, stream=True)
+            try:
+                # Read at most the limit (plus one byte to know it was passed): a runaway or
+                # hostile server cannot fill a worker's memory.
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        break
+            finally:
+                response.close()
         except httpx.TimeoutException:
             raise TransientProviderError(f"{where} timed out after {self.timeout:g}s") from None
         except httpx.HTTPError as exc:
@@ -161,18 +187,25 @@ class OpenAICompatibleProvider:
                 f"{where} could not be reached: {self._scrub(str(exc) or type(exc).__name__)}"
             ) from None
         status = response.status_code
+        if len(body) > limit:
+            raise InvalidProviderResponse(
+                f"{where} answered more than {limit} bytes (AGENTSITE_MAX_MODEL_RESPONSE_BYTES)"
+            )
+        text = bytes(body).decode(response.encoding or "utf-8", errors="replace")
         if status >= 400:
             if status in (401, 403):
                 # Servers often echo the key they were given; never repeat their words here.
                 raise PermanentProviderError(
                     f"{where} refused the API key (HTTP {status}); check the provider's key"
                 )
-            detail = _short(self._scrub(_error_message(response)))
+            detail = _short(self._scrub(_error_message(text)))
             message = f"{where} answered HTTP {status}: {detail}"
+            if status == 429:
+                raise RateLimitedProviderError(message, retry_after=_retry_after(response.headers))
             if status in _TRANSIENT_STATUSES or status >= 500:
                 raise TransientProviderError(message, retry_after=_retry_after(response.headers))
             raise PermanentProviderError(message)
-        return parse_chat_completion(response.text, request=request, where=where)
+        return parse_chat_completion(text, request=request, where=where)
 
 
 def parse_chat_completion(body: str, *, request: ModelRequest, where: str) -> ModelResponse:
@@ -224,6 +257,13 @@ def parse_chat_completion(body: str, *, request: ModelRequest, where: str) -> Mo
         )
     if content is None and not calls:
         raise InvalidProviderResponse(f"{where} answered neither text nor tool calls")
+    limit = settings.AGENTSITE_MAX_MODEL_OUTPUT_CHARS
+    size = len(content or "") + sum(len(json.dumps(c.arguments)) for c in calls)
+    if size > limit:
+        raise InvalidProviderResponse(
+            f"{where} answered {size} characters; the limit is {limit} "
+            "(AGENTSITE_MAX_MODEL_OUTPUT_CHARS)"
+        )
 
     usage = data.get("usage")
     reported = False

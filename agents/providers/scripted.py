@@ -54,6 +54,8 @@ def _fill(template: Any, values: dict[str, str]) -> Any:
 
 class ScriptedProvider:
     name = "scripted"
+    requests_per_minute = 0  # in process: nothing to protect
+    tokens_per_minute = 0
 
     def complete(self, request: ModelRequest) -> ModelResponse:
         messages = request.messages

@@ -220,12 +220,22 @@ def test_the_step_budget_stops_the_run(make_agent):
     assert run.steps.count() == 5
 
 
-def test_the_token_budget_stops_the_run_before_the_next_model_call(make_agent):
+def test_the_token_budget_stops_the_run_before_the_call_that_would_pass_it(make_agent):
     loop = [{"tool_calls": [{"name": "calculator", "arguments": {"expression": "1"}}]}]
-    agent = make_agent(tools=["calculator"], script=loop * 10, max_tokens_per_run=10)
+    agent = make_agent(tools=["calculator"], script=loop * 20, max_tokens_per_run=600)
     run = drive(submit_run(agent=agent, input="a long enough input to use tokens " * 3).pk)
-    assert run.status == Run.Status.FAILED and "tokens" in run.error
-    assert run.steps.filter(kind="model").count() == 1
+    assert run.status == Run.Status.FAILED and run.error_code == "budget_exceeded"
+    assert "tokens" in run.error and "limit is 600" in run.error
+    assert run.steps.filter(kind="model").count() >= 2
+    assert run.input_tokens + run.output_tokens <= 600  # stopped before, not after
+
+
+def test_a_budget_too_small_for_the_first_call_makes_no_call(make_agent):
+    agent = make_agent(script=[{"text": "x"}], max_tokens_per_run=10)
+    run = drive(submit_run(agent=agent, input="a long enough input to use tokens " * 3).pk)
+    assert run.status == Run.Status.FAILED and run.error_code == "budget_exceeded"
+    assert "the next call needs about" in run.error
+    assert run.steps.count() == 0
 
 
 def test_cancel_stops_a_run_and_its_pending_steps(make_agent):
@@ -247,7 +257,7 @@ def test_a_step_finishing_after_cancel_is_not_used(make_agent):
     run = submit_run(agent=agent, input="hi")
     plan = engine._plan(run.pk)
     cancel_run(run_id=run.pk)
-    engine._record_model_answer(plan.step, *_answer("late answer"))
+    engine._record_model_answer(plan.step, *_answer("late answer"), route="scripted:demo")
     run.refresh_from_db()
     assert run.status == Run.Status.CANCELLED and run.result is None
     assert run.steps.get().status == Step.Status.CANCELLED

@@ -561,7 +561,7 @@ def test_a_malformed_route_is_a_permanent_error(route):
 @pytest.mark.django_db
 def test_a_non_numeric_env_timeout_is_a_permanent_error(settings):
     settings.AGENTSITE_PROVIDERS = {"fake": {"base_url": "http://x/v1", "timeout": "soon"}}
-    with pytest.raises(PermanentProviderError, match="TIMEOUT is not a number"):
+    with pytest.raises(PermanentProviderError, match="TIMEOUT, RPM and TPM are numbers"):
         resolve_route("fake:m")
 
 

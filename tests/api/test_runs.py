@@ -36,6 +36,7 @@ RUN_FIELDS = {
     "result",
     "error",
     "usage",
+    "budget",
     "session",
     "metadata",
     "model_route",

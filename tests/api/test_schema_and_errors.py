@@ -80,6 +80,7 @@ def test_the_schema_documents_submission(schema):
         "metadata",
         "webhook_url",
         "on_conflict",
+        "budget",
     }
     assert set(request["required"]) == {"agent", "input"}
 

@@ -172,6 +172,7 @@ def test_the_served_schema_is_the_one_tested(api_server: Any) -> None:
         ("GET", "/api/v1/approvals/{id}/"),
         ("POST", "/api/v1/approvals/{id}/decision/"),
         ("GET", "/api/v1/whoami/"),
+        ("GET", "/api/v1/usage/"),
     }
 
 
