@@ -38,6 +38,7 @@ from .jsonsafe import count, json_safe
 from .models import Run, Session, Step
 from .outputs import loads_strict
 from .providers import (
+    InvalidProviderResponse,
     ModelProvider,
     ModelRequest,
     ModelResponse,
@@ -52,9 +53,13 @@ from .providers import (
 logger = logging.getLogger(__name__)
 
 SESSION_HISTORY_RUNS = 20
-# A step the provider answers 429 is put off this many times without spending an attempt;
-# after that a 429 counts as a failed attempt, so a provider that never relents fails the run.
+# A step the provider answers 429, or whose every route's circuit is open, is put off this many
+# times without spending an attempt; after that it counts as a failed attempt, so a provider
+# that never relents fails the run.
 MAX_THROTTLED = 20
+# A provider's 429 holds every worker back for its Retry-After, up to this; the step itself
+# waits the whole Retry-After (up to AGENTSITE_RETRY_AFTER_MAX).
+PROVIDER_PAUSE_MAX = 300.0
 # The built-in tool a model calls to ask a human; it is always held for a reviewer.
 ESCALATE_TOOL = "escalate_to_human"
 
@@ -602,15 +607,28 @@ def advance(run_id: UUID | str) -> Outcome:
         governance.candidate_routes(run, routine=routine),
         (step.request or {}).get("route_failures") or {},
     )
+    throttled = int((step.request or {}).get("throttled", 0))
     if choice.route is None:
         why = "; ".join(f"{r}: {reason}" for r, reason in choice.skipped.items())
         if choice.exhausted:
             return _model_step_failed(step, PermanentProviderError(f"no route left ({why})"))
+        error = TransientProviderError(f"no route is available ({why})")
+        if throttled < MAX_THROTTLED:  # an outage parks the step; it does not spend attempts
+            return _put_off(
+                step, choice.retry_in, route="", reason="circuit_open", throttled=throttled + 1
+            )
+        return _model_step_failed(step, error)
+    route = choice.route
+    if governance.price_of(route) is None and governance.has_cost_limit(run):
+        # The chosen route may be a fallback the budget check did not price.
         return _model_step_failed(
             step,
-            TransientProviderError(f"no route is available ({why})", retry_after=choice.retry_in),
+            PermanentProviderError(
+                f"model {route!r} has no price and the run has a cost limit (add a price in "
+                "the admin's model prices or AGENTSITE_MODEL_PRICES)"
+            ),
+            route=route,
         )
-    route = choice.route
     started = time.monotonic()
     quotas: list[limits.Quota] = []
     try:
@@ -619,6 +637,12 @@ def advance(run_id: UUID | str) -> Outcome:
         wait = limits.acquire(quotas, window=settings.AGENTSITE_RATE_WINDOW_SECONDS)
         if wait is not None:
             return _put_off(step, wait, route=route, reason="rate_limited")
+        # A half-open circuit's one probe is taken only now, when the call surely goes out.
+        busy = governance.take_probe(route) if choice.probe else None
+        if busy is not None:
+            return _put_off(
+                step, busy, route=route, reason="circuit_probe_out", throttled=throttled + 1
+            )
         release_connection()  # no connection is pinned while the model thinks
         with soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"):
             response = provider.complete(
@@ -641,14 +665,16 @@ def advance(run_id: UUID | str) -> Outcome:
     except RateLimitedProviderError as exc:
         # The provider's own limit: every worker holds back (not only this step), and the
         # step waits without spending an attempt, a few times.
-        throttled = int((step.request or {}).get("throttled", 0))
         wait = backoff_seconds(throttled + 1, exc.retry_after)
-        limits.pause(_provider_key(route), wait)
+        limits.pause(_provider_key(route), min(wait, PROVIDER_PAUSE_MAX))
         if throttled < MAX_THROTTLED:
             return _put_off(step, wait, route=route, reason="provider_429", throttled=throttled + 1)
         return _model_step_failed(step, exc, route=route)
     except ProviderError as exc:
-        governance.report(route, ok=False)
+        # Only what says the route is unwell feeds its circuit: not our configuration (an
+        # unknown provider), nor a request it refused (4xx: too long a context, say).
+        if exc.transient or isinstance(exc, InvalidProviderResponse):
+            governance.report(route, ok=False)
         return _model_step_failed(step, exc, route=route)
     except DatabaseError as exc:  # e.g. reading the provider's row during a Postgres restart
         return _model_step_failed(step, TransientProviderError(f"database unavailable: {exc}"))
@@ -771,12 +797,8 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
             failures[route] = entry
             request["route_failures"] = failures
             routes = governance.candidate_routes(run, routine=bool(request.get("routine")))
-            usable = [r for r in routes if not (failures.get(r) or {}).get("permanent")]
-            moving_on = not transient or (
-                entry["transient"] >= settings.AGENTSITE_FALLBACK_AFTER and usable[-1:] != [route]
-            )
-            if moving_on and usable and usable != [route]:
-                next_route = next(r for r in usable if r != route)
+            if not transient or entry["transient"] >= settings.AGENTSITE_FALLBACK_AFTER:
+                next_route = governance.next_route(routes, failures, after=route)
         retryable = transient or next_route is not None
         if retryable and step.attempts < governance.max_attempts(run):
             delay = (
@@ -792,6 +814,7 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
                 lease_expires_at=None,
                 not_before=_now() + timedelta(seconds=delay) if delay else None,
                 request=request,
+                **({"model_route": route} if route else {}),
             )
             if not claimed:
                 return Outcome()
@@ -824,6 +847,7 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
             finished_at=_now(),
             lease_expires_at=None,
             request=request,
+            **({"model_route": route} if route else {}),
         )
         if not claimed:
             return Outcome()

@@ -76,11 +76,15 @@ def _limit(name: str, value: Any) -> Decimal:
     return number
 
 
-def run_budget(version: AgentVersion, override: Any = None) -> dict[str, Any]:
+def run_budget(
+    version: AgentVersion, override: Any = None, *, clamp: bool = False
+) -> dict[str, Any]:
     """The budget a new run gets: the version's, tightened by the client's ``override``.
 
     A limit may only be lowered (or set where the version has none); raising one, or an unknown
-    key, is refused with the field named."""
+    key, is refused with the field named. With ``clamp`` (a canary version picked after the
+    override was checked against the current one), a limit above the version's is lowered to
+    it instead."""
     budget = version.budget()
     if override is None:
         return budget
@@ -95,22 +99,30 @@ def run_budget(version: AgentVersion, override: Any = None) -> dict[str, Any]:
         )
     for name, value in override.items():
         wanted = _limit(name, value)
+        if name == "max_cost":
+            wanted = wanted.quantize(CENT_MILLIONTHS)
+            if wanted == 0 and _limit(name, value) > 0:
+                raise InvalidRunInput(
+                    "max_cost is at least 0.000001 (0 means no limit)", field="budget.max_cost"
+                )
         ceiling = Decimal(str(budget[name]))
         if wanted == 0 and name == "max_steps":
             raise InvalidRunInput("max_steps must be at least 1", field="budget.max_steps")
         if wanted == 0:
-            if ceiling:
+            if ceiling and not clamp:
                 raise InvalidRunInput(
                     f"{name} may not be lifted: the agent's limit is {budget[name]}",
                     field=f"budget.{name}",
                 )
             continue
-        if ceiling and wanted > ceiling:
+        if ceiling and wanted > ceiling and clamp:
+            wanted = ceiling
+        elif ceiling and wanted > ceiling:
             raise InvalidRunInput(
                 f"{name} may not exceed the agent's limit of {budget[name]}",
                 field=f"budget.{name}",
             )
-        budget[name] = str(wanted.quantize(CENT_MILLIONTHS)) if name == "max_cost" else int(wanted)
+        budget[name] = f"{wanted:.6f}" if name == "max_cost" else int(wanted)
     return budget
 
 
@@ -283,28 +295,78 @@ class RouteChoice:
     skipped: dict[str, str]  # route -> why it was passed over
     retry_in: float = 0.0  # when route is None: until a circuit lets a probe through
     exhausted: bool = False  # every route failed for good on this step
+    probe: bool = False  # the route's circuit is half-open: take its probe right before calling
+
+
+def _circuit(route: str) -> tuple[bool, bool, float, str]:
+    """(usable, needs the probe, seconds until usable, state) of the route's circuit, read
+    without taking the probe (taken only right before the call: see take_probe)."""
+    key = breaker_key(route)
+    if key is None:
+        return True, False, 0.0, breaker.CLOSED
+    state = breaker.status(key)
+    if state.state == breaker.CLOSED:
+        return True, False, 0.0, state.state
+    if state.state == breaker.HALF_OPEN and state.retry_in <= 0:
+        return True, True, 0.0, state.state
+    return False, False, state.retry_in, state.state
+
+
+def take_probe(route: str) -> float | None:
+    """Take the half-open circuit's probe for this call: None if taken, else the seconds until
+    another may be (another worker took it first)."""
+    key = breaker_key(route)
+    state = breaker.before_call(key) if key is not None else None
+    if state is None or state.allowed:
+        return None
+    return max(state.retry_in, 1.0)
 
 
 def choose_route(routes: list[str], failures: dict[str, Any]) -> RouteChoice:
     """The route this attempt uses. ``failures`` is the step's record, per route, of
-    ``{"transient": n, "permanent": "error"}``."""
+    ``{"transient": n, "permanent": "error"}``. A route that has had its share of retryable
+    failures on this step is passed over for the next one, but used again when every other
+    route's circuit is open."""
     skipped: dict[str, str] = {}
     usable = [r for r in routes if not (failures.get(r) or {}).get("permanent")]
     for route in routes:
         if route not in usable:
             skipped[route] = "it failed for good on this step"
+    if not usable:
+        return RouteChoice(None, skipped, exhausted=True)
     waits: list[float] = []
+    tired: list[str] = []
     for position, route in enumerate(usable):
         last = position == len(usable) - 1
         transient = int((failures.get(route) or {}).get("transient", 0))
         if not last and transient >= settings.AGENTSITE_FALLBACK_AFTER:
             skipped[route] = f"it failed {transient} times on this step"
+            tired.append(route)
             continue
-        key = breaker_key(route)
-        state = breaker.before_call(key) if key is not None else None
-        if state is not None and not state.allowed:
-            skipped[route] = f"its circuit is {state.state.replace('_', '-')}"
-            waits.append(state.retry_in)
+        ok, probe, wait, state = _circuit(route)
+        if not ok:
+            skipped[route] = f"its circuit is {state.replace('_', '-')}"
+            waits.append(wait)
             continue
-        return RouteChoice(route, skipped)
-    return RouteChoice(None, skipped, retry_in=min(waits, default=0.0), exhausted=not usable)
+        return RouteChoice(route, skipped, probe=probe)
+    for route in tired:
+        ok, probe, wait, _ = _circuit(route)
+        if ok:
+            return RouteChoice(route, skipped, probe=probe)
+    return RouteChoice(None, skipped, retry_in=max(1.0, min(waits, default=1.0)))
+
+
+def next_route(routes: list[str], failures: dict[str, Any], after: str) -> str | None:
+    """The route the step moves to after ``after`` failed, in order, or None."""
+    usable = [r for r in routes if not (failures.get(r) or {}).get("permanent")]
+    later = usable[usable.index(after) + 1 :] if after in usable else usable
+    for route in later:
+        transient = int((failures.get(route) or {}).get("transient", 0))
+        if transient < settings.AGENTSITE_FALLBACK_AFTER or route == usable[-1]:
+            return route
+    return None
+
+
+def has_cost_limit(run: Run) -> bool:
+    raw = {**run.agent_version.budget(), **(run.budget or {})}
+    return Decimal(str(raw["max_cost"])) > 0

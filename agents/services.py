@@ -50,8 +50,19 @@ def publish_agent_version(
         raise ValidationError({"canary_percent": "A canary takes 1 to 99 percent of new runs."})
     snapshot = agent.snapshot()
     digest = AgentVersion.digest_of(snapshot)
-    Agent.objects.select_for_update(no_key=True).filter(pk=agent.pk).first()
-    current, canary = agent.current_version, agent.canary_version
+    # Read the versions under the lock: another admin may have published or promoted meanwhile.
+    locked = (
+        Agent.objects.select_for_update(no_key=True, of=("self",))
+        .select_related("current_version", "canary_version")
+        .get(pk=agent.pk)
+    )
+    current, canary = locked.current_version, locked.canary_version
+    agent.current_version, agent.canary_version = current, canary
+    agent.canary_percent = locked.canary_percent
+    if canary is not None and canary.digest == digest and not canary_percent:
+        # Saved again while a canary runs (a live setting changed, say): the canary stays a
+        # canary. Only promote_canary makes it every run's.
+        return canary
     if canary_percent and current is not None:
         if canary is not None and canary.digest == digest:
             if agent.canary_percent != canary_percent:
@@ -75,6 +86,8 @@ def publish_agent_version(
     if canary_percent and current is not None:
         _set_canary(agent, version, canary_percent, user)
         return version
+    if canary is not None:
+        _set_canary(agent, None, 0, user, action="agent.canary_replaced")
     Agent.objects.filter(pk=agent.pk).update(
         current_version=version, canary_version=None, canary_percent=0
     )
@@ -361,7 +374,9 @@ def submit_run(
         picked = pick_version(agent, run_session) or version
         if picked != version:
             version = picked
-            run_budget = governance.run_budget(version, budget)
+            # Checked against the current version above; a canary's lower limits clamp it
+            # rather than refuse a request the other side would take.
+            run_budget = governance.run_budget(version, budget, clamp=True)
         run = Run.objects.create(
             agent=agent,
             agent_version=version,

@@ -187,7 +187,7 @@ class OpenAICompatibleProvider:
                 f"{where} could not be reached: {self._scrub(str(exc) or type(exc).__name__)}"
             ) from None
         status = response.status_code
-        if len(body) > limit:
+        if len(body) > limit and status < 400:  # an error's words are cut, not refused
             raise InvalidProviderResponse(
                 f"{where} answered more than {limit} bytes (AGENTSITE_MAX_MODEL_RESPONSE_BYTES)"
             )

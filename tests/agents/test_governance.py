@@ -374,3 +374,91 @@ def test_rolling_back_a_canary_restores_the_agents_settings(make_agent):
     assert list(agent.grants.values_list("tool__name", flat=True)) == ["calculator"]
     # Saving it again publishes nothing: it is v1's configuration.
     assert publish_agent_version(agent=agent) == v1
+
+
+# --- from a review ------------------------------------------------------------------------------
+
+
+def test_a_cost_limit_cannot_be_rounded_away(make_agent):
+    from agents.exceptions import InvalidRunInput
+
+    agent = make_agent(max_cost=Decimal("5"))
+    with pytest.raises(InvalidRunInput, match="at least 0.000001"):
+        submit_run(agent=agent, input="x", budget={"max_cost": "0.0000001"})
+
+
+def test_an_unpriced_fallback_is_not_called_when_the_run_has_a_cost_limit(
+    provider, fake_openai, make_agent
+):
+    primary, backup = provider(), provider("bk")
+    ModelPrice.objects.create(
+        route=primary, input_per_million=Decimal("1"), output_per_million=Decimal("1")
+    )
+    fake_openai.configure(primary.partition(":")[2], error_rate=1.0, error_status=404)
+    agent = make_agent(model_route=primary, fallback_routes=[backup], max_cost=Decimal("0.5"))
+    run = drive(submit_run(agent=agent, input="hi").pk)
+    assert run.status == Run.Status.FAILED and "has no price" in run.error
+    assert fake_openai.count(backup.partition(":")[2]) == 0
+
+
+def test_a_request_the_provider_refuses_does_not_open_the_routes_circuit(
+    provider, fake_openai, make_agent, settings
+):
+    from tools import breaker
+
+    route = provider()
+    fake_openai.configure(route.partition(":")[2], error_rate=1.0, error_status=400)
+    agent = make_agent(model_route=route)
+    for _ in range(settings.AGENTSITE_BREAKER_FAILURES + 1):
+        assert drive(submit_run(agent=agent, input="x").pk).status == Run.Status.FAILED
+    assert breaker.status(governance.breaker_key(route)).state == breaker.CLOSED
+
+
+def test_an_open_circuit_parks_the_step_without_spending_attempts(
+    provider, fake_openai, make_agent, settings
+):
+    from tools import breaker
+
+    route = provider()
+    for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
+        breaker.record_failure(governance.breaker_key(route))
+    run = submit_run(agent=make_agent(model_route=route), input="x")
+    outcome = engine.advance(run.pk)
+    step = Step.objects.get(run=run)
+    assert (step.status, step.attempts, step.request["throttled"]) == ("pending", 0, 1)
+    assert outcome.retry_in is not None and outcome.retry_in >= 1
+    assert AuditEvent.objects.get(run=run, action="step.rate_limited").payload["reason"] == (
+        "circuit_open"
+    )
+    assert fake_openai.count(route.partition(":")[2]) == 0
+
+
+def test_saving_an_agent_during_a_canary_keeps_it_a_canary(make_agent):
+    agent = make_agent(script=[{"text": "v1"}])
+    v1 = agent.current_version
+    agent.script = [{"text": "v2"}]
+    agent.save()
+    v2 = publish_agent_version(agent=agent, canary_percent=10)
+    agent.requests_per_minute = 100  # a live setting: publishes nothing
+    agent.save()
+    assert publish_agent_version(agent=agent) == v2
+    agent.refresh_from_db()
+    assert (agent.current_version, agent.canary_version, agent.canary_percent) == (v1, v2, 10)
+    # A real change published to everyone replaces the canary, and says so.
+    agent.script = [{"text": "v3"}]
+    agent.save()
+    v3 = publish_agent_version(agent=agent)
+    agent.refresh_from_db()
+    assert (agent.current_version, agent.canary_version) == (v3, None)
+    assert AuditEvent.objects.filter(action="agent.canary_replaced").exists()
+
+
+def test_a_budget_override_is_clamped_on_a_canary_with_lower_limits(make_agent):
+    agent = make_agent(script=[{"text": "v1"}], max_steps=10)
+    agent.max_steps = 4
+    agent.save()
+    v2 = publish_agent_version(agent=agent, canary_percent=50)
+    runs = [submit_run(agent=agent, input="x", budget={"max_steps": 6}) for _ in range(40)]
+    on_canary = [r for r in runs if r.agent_version_id == v2.pk]
+    assert on_canary and {r.budget["max_steps"] for r in on_canary} == {4}
+    assert {r.budget["max_steps"] for r in runs if r.agent_version_id != v2.pk} == {6}
