@@ -694,8 +694,15 @@ def advance(run_id: UUID | str) -> Outcome:
     return Outcome()
 
 
+def _quota_key(owner: str, unit: str) -> str:
+    """A quota's key names the window it is counted in: a key's buckets are numbered by the
+    window, so processes configured with different windows (a rolling deploy changing
+    AGENTSITE_RATE_WINDOW_SECONDS) must not share one."""
+    return f"{owner}:{unit}:{settings.AGENTSITE_RATE_WINDOW_SECONDS:g}s"
+
+
 def _provider_key(route: str) -> str:
-    return f"provider:{route.partition(':')[0]}:requests"
+    return _quota_key(f"provider:{route.partition(':')[0]}", "requests")
 
 
 def _quotas(run: Run, provider: ModelProvider, estimate: int) -> list[limits.Quota]:
@@ -705,17 +712,22 @@ def _quotas(run: Run, provider: ModelProvider, estimate: int) -> list[limits.Quo
         return []
     agent = run.agent
     never = 2**31 - 1  # a quota with no limit still carries the provider's pause
-    quotas = [
-        limits.Quota(f"provider:{provider.name}:requests", provider.requests_per_minute or never, 1)
-    ]
+    owner = f"provider:{provider.name}"
+    quotas = [limits.Quota(_quota_key(owner, "requests"), provider.requests_per_minute or never, 1)]
     if provider.tokens_per_minute:
         quotas.append(
-            limits.Quota(f"provider:{provider.name}:tokens", provider.tokens_per_minute, estimate)
+            limits.Quota(_quota_key(owner, "tokens"), provider.tokens_per_minute, estimate)
         )
     if agent.requests_per_minute:
-        quotas.append(limits.Quota(f"agent:{agent.pk}:requests", agent.requests_per_minute, 1))
+        quotas.append(
+            limits.Quota(_quota_key(f"agent:{agent.pk}", "requests"), agent.requests_per_minute, 1)
+        )
     if agent.tokens_per_minute:
-        quotas.append(limits.Quota(f"agent:{agent.pk}:tokens", agent.tokens_per_minute, estimate))
+        quotas.append(
+            limits.Quota(
+                _quota_key(f"agent:{agent.pk}", "tokens"), agent.tokens_per_minute, estimate
+            )
+        )
     return quotas
 
 
@@ -727,13 +739,16 @@ def _settle_tokens(quotas: list[limits.Quota], response: ModelResponse, took: fl
     actual = count(response.input_tokens) + count(response.output_tokens)
     for quota in quotas:
         delta = actual - min(quota.cost, quota.limit)
-        if quota.key.endswith(":tokens") and delta and (delta > 0 or took < window):
+        if ":tokens:" in quota.key and delta and (delta > 0 or took < window):
             limits.settle(quota.key, delta, window=window)
 
 
 def _put_off(step: Step, wait: float, *, route: str, reason: str, throttled: int = 0) -> Outcome:
     """Give the claimed step back unspent (a rate limit, ours or the provider's, says wait):
     pending again, its attempt returned, not before ``wait`` seconds. No worker slot waits."""
+    # Never longer than a window plus a provider's pause: a wait beyond that is a miscount,
+    # and would park the step for good.
+    wait = min(wait, 2 * settings.AGENTSITE_RATE_WINDOW_SECONDS + PROVIDER_PAUSE_MAX)
     with transaction.atomic(), audit.batched():
         run = Run.objects.select_for_update(of=("self",)).get(pk=step.run_id)
         request = dict(step.request or {})

@@ -305,7 +305,8 @@ def _unpause(route: str) -> None:
     from django.conf import settings
 
     redis.Redis.from_url(settings.REDIS_URL).delete(
-        f"agentsite:quota:provider:{route.partition(':')[0]}:requests"
+        f"agentsite:quota:provider:{route.partition(':')[0]}:requests:"
+        f"{settings.AGENTSITE_RATE_WINDOW_SECONDS:g}s"
     )
 
 
