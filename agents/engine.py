@@ -746,9 +746,11 @@ def _settle_tokens(quotas: list[limits.Quota], response: ModelResponse, took: fl
 def _put_off(step: Step, wait: float, *, route: str, reason: str, throttled: int = 0) -> Outcome:
     """Give the claimed step back unspent (a rate limit, ours or the provider's, says wait):
     pending again, its attempt returned, not before ``wait`` seconds. No worker slot waits."""
-    # Never longer than a window plus a provider's pause: a wait beyond that is a miscount,
-    # and would park the step for good.
-    wait = min(wait, 2 * settings.AGENTSITE_RATE_WINDOW_SECONDS + PROVIDER_PAUSE_MAX)
+    if reason == "rate_limited":
+        # Our limiter never needs longer than a window plus a provider's pause: a longer wait
+        # is a miscount, and would park the step for good. (A provider's Retry-After is its
+        # own word, already capped by AGENTSITE_RETRY_AFTER_MAX.)
+        wait = min(wait, 2 * settings.AGENTSITE_RATE_WINDOW_SECONDS + PROVIDER_PAUSE_MAX)
     with transaction.atomic(), audit.batched():
         run = Run.objects.select_for_update(of=("self",)).get(pk=step.run_id)
         request = dict(step.request or {})
