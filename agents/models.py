@@ -82,6 +82,27 @@ def escalation_policy_problem(policy: dict[str, Any]) -> str:
     return ""
 
 
+# The agent's fields a version freezes (with its grants); the rest (name, limits per minute,
+# rollout) are live.
+VERSIONED_FIELDS = (
+    "model_route",
+    "system_prompt",
+    "max_steps",
+    "max_tokens_per_run",
+    "max_input_tokens",
+    "max_output_tokens",
+    "max_cost",
+    "max_wall_seconds",
+    "fallback_routes",
+    "routine_route",
+    "routine_steps",
+    "temperature",
+    "escalation_policy",
+    "output_schema",
+    "script",
+)
+
+
 class Agent(models.Model):
     """An agent as operators edit it. Saving a changed configuration publishes a new version."""
 
@@ -222,24 +243,11 @@ class Agent(models.Model):
             else {}
         )
         return {
-            "model_route": self.model_route,
-            "system_prompt": self.system_prompt,
-            "tools": sorted(grants),
-            "grants": grants,
-            "max_steps": self.max_steps,
-            "max_tokens_per_run": self.max_tokens_per_run,
-            "max_input_tokens": self.max_input_tokens,
-            "max_output_tokens": self.max_output_tokens,
+            **{name: getattr(self, name) for name in VERSIONED_FIELDS},
             # As text with its six places, so 0 and 0.000000 (from the form) are one version.
             "max_cost": f"{Decimal(self.max_cost or 0):.6f}",
-            "max_wall_seconds": self.max_wall_seconds,
-            "fallback_routes": self.fallback_routes,
-            "routine_route": self.routine_route,
-            "routine_steps": self.routine_steps,
-            "temperature": self.temperature,
-            "escalation_policy": self.escalation_policy,
-            "output_schema": self.output_schema,
-            "script": self.script,
+            "tools": sorted(grants),
+            "grants": grants,
         }
 
 

@@ -28,7 +28,16 @@ from .exceptions import (
     SessionBusy,
     TooManyActiveRuns,
 )
-from .models import ROUTE_VALIDATOR, Agent, AgentVersion, ApiKey, ModelProvider, Run, Session
+from .models import (
+    ROUTE_VALIDATOR,
+    VERSIONED_FIELDS,
+    Agent,
+    AgentVersion,
+    ApiKey,
+    ModelProvider,
+    Run,
+    Session,
+)
 from .secretbox import encrypt
 from .webhooks import check_webhook_url
 
@@ -149,23 +158,7 @@ def roll_back_canary(*, agent: Agent, user: User | None = None) -> AgentVersion 
     canary, current = agent.canary_version, agent.current_version
     if canary is None or current is None:
         return None
-    for field in (
-        "model_route",
-        "system_prompt",
-        "max_steps",
-        "max_tokens_per_run",
-        "max_input_tokens",
-        "max_output_tokens",
-        "max_cost",
-        "max_wall_seconds",
-        "fallback_routes",
-        "routine_route",
-        "routine_steps",
-        "temperature",
-        "escalation_policy",
-        "output_schema",
-        "script",
-    ):
+    for field in VERSIONED_FIELDS:
         setattr(agent, field, getattr(current, field))
     agent.canary_version, agent.canary_percent = None, 0
     agent.save()
