@@ -463,3 +463,53 @@ def test_a_budget_override_is_clamped_on_a_canary_with_lower_limits(make_agent):
     on_canary = [r for r in runs if r.agent_version_id == v2.pk]
     assert on_canary and {r.budget["max_steps"] for r in on_canary} == {4}
     assert {r.budget["max_steps"] for r in runs if r.agent_version_id != v2.pk} == {6}
+
+
+def test_the_fallback_event_names_the_route_actually_next(provider, fake_openai, make_agent):
+    a, b, c = provider(), provider("bk"), provider("third")
+    for route in (a, b):
+        fake_openai.configure(route.partition(":")[2], error_rate=1.0, error_status=404)
+    run = drive(submit_run(agent=make_agent(model_route=a, fallback_routes=[b, c]), input="x").pk)
+    assert run.status == Run.Status.SUCCEEDED and run.steps.get().model_route == c
+    moves = [
+        (e.payload["from"], e.payload["to"])
+        for e in AuditEvent.objects.filter(run=run, action="step.fallback").order_by("id")
+    ]
+    assert moves == [(a, b), (b, c)]
+
+
+def test_a_route_passed_over_for_its_failures_is_used_again_when_the_others_are_open(
+    settings,
+):
+    from tools import breaker
+
+    a, b = "fk:tired-" + uuid.uuid4().hex[:6], "bk:open-" + uuid.uuid4().hex[:6]
+    for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
+        breaker.record_failure(governance.breaker_key(b))
+    failures = {a: {"transient": settings.AGENTSITE_FALLBACK_AFTER}}
+    choice = governance.choose_route([a, b], failures)
+    assert choice.route == a and "circuit is open" in choice.skipped[b]
+    assert governance.choose_route([a, b], {a: {"permanent": "404"}}).route is None
+
+
+def test_a_half_open_probe_taken_by_another_worker_parks_the_step(
+    provider, fake_openai, make_agent, settings
+):
+    from tools import breaker
+
+    settings.AGENTSITE_BREAKER_COOLDOWN = 0.2
+    route = provider()
+    key = governance.breaker_key(route)
+    for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
+        breaker.record_failure(key)
+    run = submit_run(agent=make_agent(model_route=route), input="x")
+    from tests.conftest import poll
+
+    poll(lambda: breaker.status(key).state == breaker.HALF_OPEN, timeout=5)
+    assert breaker.before_call(key).allowed  # another worker's probe is out
+    engine.advance(run.pk)
+    step = Step.objects.get(run=run)
+    assert (step.status, step.attempts) == ("pending", 0)
+    event = AuditEvent.objects.get(run=run, action="step.rate_limited")
+    assert event.payload["reason"] in ("circuit_open", "circuit_probe_out")
+    assert fake_openai.count(route.partition(":")[2]) == 0
