@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from django.db import transaction
+
+from agentsite import metrics
 from agentsite.redaction import redact
 
 from .models import AuditEvent, Run
@@ -63,6 +66,11 @@ def record(
         pending.append(event)
     else:
         event.save()
+    # The metrics count what the audit trail records, once it is committed (agentsite.metrics).
+    if metrics.counts(action):
+        agent_id = run.agent_id if run is not None else None
+        facts = payload or {}
+        transaction.on_commit(lambda: metrics.observe(action, agent_id, facts))
 
 
 # Per thread, hence per greenlet under gevent's monkey patching.

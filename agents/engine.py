@@ -28,7 +28,9 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.db.models import F
 from django.utils import timezone
+from opentelemetry.trace import SpanKind
 
+from agentsite import metrics, tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from tools import policy
 
@@ -536,6 +538,8 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 )
                 if not claimed:
                     return None
+                if last.status == Step.Status.PENDING:  # a retry, due since its backoff ended
+                    observe_queued(last.not_before)
                 last.refresh_from_db()
                 messages, tools = build_messages(run, steps[:-1]), _offered_schemas(run)
                 return ModelStepPlan(
@@ -572,6 +576,8 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             )
             return None
 
+        # Due since the step before it finished (the first: since the run was submitted).
+        observe_queued(last.finished_at if last is not None else run.created_at)
         step = Step.objects.create(
             run=run,
             index=last.index + 1 if last else 0,
@@ -587,6 +593,13 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
         return ModelStepPlan(run, step, messages, tools, estimate)
 
 
+def observe_queued(due: Any, kind: str = "model") -> None:
+    """Count how long a step waited for a worker since it was due (once the claim commits)."""
+    if due is not None:
+        waited = (_now() - due).total_seconds()
+        transaction.on_commit(lambda: metrics.step_queued(kind, waited))
+
+
 def _offered_schemas(run: Run) -> list[dict[str, Any]]:
     return [spec.openai_schema() for spec in policy.offered_tools(run)]
 
@@ -600,6 +613,13 @@ def advance(run_id: UUID | str) -> Outcome:
     plan = _plan(run_id)
     if plan is None:
         return Outcome()
+    attributes = {"agentsite.step.kind": "model", "agentsite.step.attempt": plan.step.attempts}
+    with tracing.run_span(plan.run, "agent.step", step=plan.step.index, attributes=attributes):
+        return _model_step(plan)
+
+
+def _model_step(plan: ModelStepPlan) -> Outcome:
+    """Choose the route, keep the rate limits, call the model and record what it said."""
     run, step = plan.run, plan.step
     version = run.agent_version
     routine = bool((step.request or {}).get("routine"))
@@ -644,7 +664,19 @@ def advance(run_id: UUID | str) -> Outcome:
                 step, busy, route=route, reason="circuit_probe_out", throttled=throttled + 1
             )
         release_connection()  # no connection is pinned while the model thinks
-        with soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"):
+        with (
+            tracing.span(
+                "model.call",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": route.partition(":")[0],
+                    "gen_ai.request.model": model,
+                    "agentsite.route": route,
+                },
+            ) as call,
+            soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"),
+        ):
             response = provider.complete(
                 ModelRequest(
                     model=model,
@@ -655,6 +687,8 @@ def advance(run_id: UUID | str) -> Outcome:
                     attempt=step.attempts,
                 )
             )
+            call.set_attribute("gen_ai.usage.input_tokens", count(response.input_tokens))
+            call.set_attribute("gen_ai.usage.output_tokens", count(response.output_tokens))
     except SoftTimeLimitExceeded:
         governance.report(route, ok=False)
         return _model_step_failed(
@@ -690,6 +724,23 @@ def advance(run_id: UUID | str) -> Outcome:
         f"recording step {step.index} of run {run.pk}",
         # What is left of the task's hard time limit (the call ran within the soft one).
         within=settings.AGENTSITE_STEP_HARD_TIME_LIMIT - (time.monotonic() - started) - 2,
+    )
+    logger.info(
+        "model step %s: %s answered in %d ms (%d tokens in, %d out)",
+        step.index,
+        route,
+        latency_ms,
+        response.input_tokens,
+        response.output_tokens,
+        extra={
+            "data": {
+                "route": route,
+                "latency_ms": latency_ms,
+                "input_tokens": response.input_tokens,
+                "output_tokens": response.output_tokens,
+                "tool_calls": len(response.tool_calls),
+            }
+        },
     )
     return Outcome()
 

@@ -422,7 +422,10 @@ class Run(models.Model):
     input_tokens = models.PositiveBigIntegerField(default=0)
     output_tokens = models.PositiveBigIntegerField(default=0)
     cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
+    # The trace the run's spans and log lines belong to: the submitting request's (a client's
+    # W3C traceparent, or one made up), and that request's span, the parent of the run's steps.
     trace_id = models.CharField(max_length=32, default=new_trace_id, editable=False)
+    trace_span_id = models.CharField(max_length=16, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

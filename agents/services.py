@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 from typing import Any
 from uuid import UUID
@@ -14,6 +15,8 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
+
+from agentsite import tracing
 
 from . import apikeys, audit, governance
 from .audit import Actor
@@ -37,9 +40,12 @@ from .models import (
     ModelProvider,
     Run,
     Session,
+    new_trace_id,
 )
 from .secretbox import encrypt
 from .webhooks import check_webhook_url
+
+logger = logging.getLogger(__name__)
 
 MAX_INPUT_BYTES = 256 * 1024
 
@@ -370,7 +376,10 @@ def submit_run(
             # Checked against the current version above; a canary's lower limits clamp it
             # rather than refuse a request the other side would take.
             run_budget = governance.run_budget(version, budget, clamp=True)
+        trace_id, span_id = tracing.current_ids()
         run = Run.objects.create(
+            trace_id=trace_id or new_trace_id(),
+            trace_span_id=span_id,
             agent=agent,
             agent_version=version,
             owner=owner,
@@ -399,6 +408,13 @@ def submit_run(
             by=Actor.user(owner),
         )
         advance_run_on_commit(run.pk)
+    logger.info(
+        "run %s submitted to %s (version %s)",
+        run.pk,
+        agent.slug,
+        version.number,
+        extra={"run_id": str(run.pk), "agent": agent.slug},
+    )
     return run
 
 

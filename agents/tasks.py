@@ -14,6 +14,7 @@ from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
+from agentsite import logs
 from agentsite.celery import CheckedTask
 from agentsite.pools import connections_returned_if_killed
 
@@ -96,7 +97,7 @@ def advance_run(self: object, run_id: str) -> None:
     except ValueError:
         logger.error("advance_run: rejected malformed run id %r", run_id)
         return
-    with connections_returned_if_killed():
+    with connections_returned_if_killed(), logs.bound(run_id=str(run_id)):
         outcome = engine.advance(run_id)
     if outcome.retry_in is not None:
         advance_run_on_commit(run_id, countdown=outcome.retry_in)

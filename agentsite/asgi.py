@@ -4,3 +4,9 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 application = get_asgi_application()
+
+# The web process: its log lines say so, and its spans go out over OTLP when configured.
+from agentsite import logs, tracing  # noqa: E402  (after Django is set up)
+
+logs.set_service("web")
+tracing.configure("agentsite-web")

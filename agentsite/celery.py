@@ -6,7 +6,17 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import InvalidTaskError
-from celery.signals import worker_init
+from celery.signals import (
+    beat_init,
+    before_task_publish,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.strategy import default as default_strategy
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
@@ -133,3 +143,85 @@ def _check_pool(sender: Any = None, **kwargs: Any) -> None:
         problem = eviction_problem(redis_eviction_policy(settings.CELERY_BROKER_URL))
     if problem:
         raise SystemExit(f"agentsite: {problem}")
+
+
+# --- Observability (README, Observability) ----------------------------------------------------
+
+
+def _is_prefork(sender: Any) -> bool:
+    pool = sender.pool_cls if isinstance(sender.pool_cls, str) else sender.pool_cls.__module__
+    return "prefork" in pool
+
+
+@worker_init.connect
+def _observe_worker(sender: Any = None, **kwargs: Any) -> None:
+    """The worker's main process: name it in logs, start a fresh multiprocess metrics dir, and
+    trace here unless the pool forks children (they set up their own exporter)."""
+    from . import logs, metrics, tracing
+
+    logs.set_service("worker")
+    metrics.clear_multiprocess_dir()
+    if not _is_prefork(sender):
+        tracing.configure("agentsite-worker")
+
+
+@worker_process_init.connect
+def _observe_child(**kwargs: Any) -> None:
+    from . import tracing
+
+    tracing.configure("agentsite-worker")
+
+
+@worker_process_shutdown.connect
+def _child_gone(pid: int | None = None, **kwargs: Any) -> None:
+    from . import metrics, tracing
+
+    tracing.shutdown()
+    metrics.process_gone(pid or os.getpid())
+
+
+@worker_ready.connect
+def _serve_metrics(**kwargs: Any) -> None:
+    from . import metrics
+
+    metrics.serve_worker_metrics()
+
+
+@worker_shutdown.connect
+def _flush_traces(**kwargs: Any) -> None:
+    from . import tracing
+
+    tracing.shutdown()
+
+
+@beat_init.connect
+def _observe_beat(**kwargs: Any) -> None:
+    from . import logs
+
+    logs.set_service("beat")
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="agentsite.trace.publish")
+def _propagate_trace(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Every message carries its publisher's trace context (a run's step, or the request that
+    submitted the run) as ``traceparent``."""
+    if headers is not None:
+        from . import tracing
+
+        tracing.inject(headers)
+
+
+@task_prerun.connect(weak=False, dispatch_uid="agentsite.trace.prerun")
+def _task_started(task_id: str = "", task: Any = None, **kwargs: Any) -> None:
+    from . import tracing
+
+    if task is not None:
+        tracing.task_started(task, task_id)
+
+
+@task_postrun.connect(weak=False, dispatch_uid="agentsite.trace.postrun")
+def _task_ended(task: Any = None, state: str | None = None, retval: Any = None, **kw: Any) -> None:
+    from . import tracing
+
+    if task is not None:
+        tracing.task_ended(task, state, retval)

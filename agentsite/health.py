@@ -1,11 +1,16 @@
-"""Liveness and readiness probes for load balancers and orchestrators."""
+"""Liveness and readiness probes for load balancers and orchestrators; Prometheus metrics."""
 
 from __future__ import annotations
 
-from django.db import connection
-from django.http import HttpRequest, JsonResponse
+import hmac
 
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from agentsite import metrics
 from agentsite.celery import app
+from agentsite.errors import error_body
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -32,3 +37,20 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format: this web process's metrics (its service's, in multiprocess
+    mode) and the state gauges read from Postgres and Redis (agentsite.metrics). With
+    AGENTSITE_METRICS_TOKEN set, only for ``Authorization: Bearer <token>``."""
+    token = settings.AGENTSITE_METRICS_TOKEN
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            response = JsonResponse(
+                error_body("not_authenticated", "A metrics token is needed."), status=401
+            )
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    body, content_type = metrics.exposition(state=True)
+    return HttpResponse(body, content_type=content_type)

@@ -1,13 +1,21 @@
-"""Request size limit, enforced before any view or parser reads the body."""
+"""Request size limit, enforced before any view or parser reads the body; request tracing and
+metrics."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from opentelemetry.trace import SpanKind
 
+from . import metrics, tracing
 from .errors import error_body
 
 
@@ -51,3 +59,78 @@ class RequestSizeLimitMiddleware:
                 # DRF reads a body only when CONTENT_LENGTH says there is one.
                 request.META["CONTENT_LENGTH"] = str(len(body))
         return self.get_response(request)
+
+
+def route_label(route: str) -> str:
+    """A URL pattern as a label: ``/api/v1/runs/{pk}/`` for ``api/v1/runs/(?P<pk>...)/$`` and
+    for ``api/v1/runs/<uuid:pk>/`` alike (a pattern, never a path: bounded)."""
+    route = _REGEX_GROUP.sub(r"{\1}", route)
+    route = _CONVERTER.sub(r"{\1}", route)
+    return "/" + route.replace("^", "").replace("$", "")
+
+
+_REGEX_GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)")
+_CONVERTER = re.compile(r"<(?:\w+:)?(\w+)>")
+
+# Probes and scrapes: counted, but not traced (a span every few seconds per prober is noise).
+_UNTRACED = ("/metrics", "/healthz", "/readyz")
+
+
+class ObservabilityMiddleware:
+    """Outermost: a server span for the request (continuing the client's ``traceparent``), its
+    trace id in the ``X-Trace-Id`` response header, and the request counted and timed by URL
+    pattern (agentsite.metrics). Serves WSGI and ASGI alike."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        started = time.perf_counter()
+        with self._span(request) as span:
+            response = self.get_response(request)
+            self._finish(request, response, span, started)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> Any:
+        started = time.perf_counter()
+        with self._span(request) as span:
+            response = await self.get_response(request)
+            self._finish(request, response, span, started)
+        return response
+
+    def _span(self, request: HttpRequest) -> Any:
+        if request.path in _UNTRACED:
+            return nullcontext(None)
+        return tracing.span(
+            request.method or "HTTP",
+            kind=SpanKind.SERVER,
+            parent=tracing.incoming(request.headers),
+            attributes={"http.request.method": request.method, "url.path": request.path},
+        )
+
+    def _finish(self, request: HttpRequest, response: Any, span: Any, started: float) -> None:
+        match = getattr(request, "resolver_match", None)
+        route = metrics.bounded("route", route_label(match.route) if match else "unmatched")
+        method = metrics.bounded("method", request.method)
+        status = response.status_code
+        metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+        metrics.HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
+        if span is None:
+            return
+        trace_id, _ = tracing.current_ids()
+        if trace_id:
+            response["X-Trace-Id"] = trace_id
+        if span.is_recording():
+            span.update_name(f"{request.method} {route}")
+            span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(tracing.Status(tracing.StatusCode.ERROR))

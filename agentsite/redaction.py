@@ -277,15 +277,26 @@ class RedactingFilter(logging.Filter):
             return True  # a broken format: logging reports it itself when it formats
         record.msg = redact(message)
         record.args = ()
+        data = getattr(record, "data", None)
+        if isinstance(data, dict):  # the structured fields of a line (agentsite.logs)
+            record.data = redact(data)
         return True
 
 
 def _filter_celery_handlers(logger: logging.Logger, **kwargs: Any) -> None:
     """A Celery worker replaces the root logger's handlers (worker_hijack_root_logger) with
-    its own, which LOGGING's filter never reaches; give those the filter too."""
+    its own, which LOGGING's filters and formatter never reach: give those the context and the
+    redacting filter (in that order), and the format LOGGING has (AGENTSITE_LOG_FORMAT)."""
+    from django.conf import settings
+
+    from .logs import ContextFilter, formatter
+
     for handler in logger.handlers:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.filters.insert(0, ContextFilter())
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+        handler.setFormatter(formatter(settings.AGENTSITE_LOG_FORMAT))
 
 
 after_setup_logger.connect(_filter_celery_handlers, weak=False, dispatch_uid="agentsite.redact")

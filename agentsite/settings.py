@@ -100,6 +100,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "agentsite.middleware.ObservabilityMiddleware",
     "agentsite.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -494,25 +495,69 @@ AGENTSITE_REDACT_PATTERNS = _redaction.parse_patterns(
     os.environ.get("AGENTSITE_REDACT_PATTERNS", "")
 )
 
+# --- Observability ----------------------------------------------------------------------------
+# README, Observability. Metrics: the web process at /metrics (with AGENTSITE_METRICS_TOKEN set,
+# only with "Authorization: Bearer <token>"); a worker on AGENTSITE_WORKER_METRICS_PORT (unset:
+# none). Traces: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (agentsite/tracing.py).
+AGENTSITE_METRICS_TOKEN = os.environ.get("AGENTSITE_METRICS_TOKEN", "")
+AGENTSITE_METRICS_MAX_LABEL_VALUES = env_int("AGENTSITE_METRICS_MAX_LABEL_VALUES", 200)
+_metrics_port = os.environ.get("AGENTSITE_WORKER_METRICS_PORT", "").strip()
+AGENTSITE_WORKER_METRICS_PORT = (
+    env_int("AGENTSITE_WORKER_METRICS_PORT", 0) if _metrics_port else None
+)
+if AGENTSITE_WORKER_METRICS_PORT is not None and not 0 <= AGENTSITE_WORKER_METRICS_PORT < 65536:
+    raise ImproperlyConfigured(
+        f"AGENTSITE_WORKER_METRICS_PORT={_metrics_port!r} is not a port (0 to 65535)"
+    )
+AGENTSITE_WORKER_METRICS_ADDR = os.environ.get("AGENTSITE_WORKER_METRICS_ADDR", "127.0.0.1")
+
 # --- Logging ----------------------------------------------------------------------------------
+# One JSON object per line (json), or lines for a terminal (text, the default with DEBUG on);
+# both carry the run, step, agent and trace of what wrote them (agentsite/logs.py).
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+AGENTSITE_LOG_FORMAT = os.environ.get("AGENTSITE_LOG_FORMAT", "").strip().lower() or (
+    "text" if DEBUG else "json"
+)
+if AGENTSITE_LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(
+        f"AGENTSITE_LOG_FORMAT={AGENTSITE_LOG_FORMAT!r} is not one of: json, text"
+    )
+_console = {
+    "class": "logging.StreamHandler",
+    "formatter": AGENTSITE_LOG_FORMAT,
+    "filters": ["context", "redact"],
+}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "agentsite.logs.JsonFormatter"},
+        "text": {"()": "agentsite.logs.TextFormatter"},
     },
-    # Every handler takes the redacting filter, so records propagated from any logger are
-    # redacted before they are written.
-    "filters": {"redact": {"()": "agentsite.redaction.RedactingFilter"}},
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
+    # Every handler takes the context and the redacting filter, so records propagated from
+    # any logger carry their run and trace, and are redacted before they are written.
+    "filters": {
+        "context": {"()": "agentsite.logs.ContextFilter"},
+        "redact": {"()": "agentsite.redaction.RedactingFilter"},
     },
+    "handlers": {"console": _console},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         "httpx": {"level": "WARNING"},
+        # The servers' own loggers write through the same handler (JSON in production), at
+        # the level their command line gave.
+        **{
+            name: {"handlers": ["console"], "propagate": False}
+            for name in (
+                "uvicorn",
+                "uvicorn.error",
+                "uvicorn.access",
+                "gunicorn.error",
+                "gunicorn.access",
+            )
+        },
     },
 }
 

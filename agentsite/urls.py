@@ -9,7 +9,7 @@ from agents.events import run_events_view
 from approvals.api import ApprovalViewSet
 
 from .errors import json_or_default
-from .health import healthz, readyz
+from .health import healthz, metrics_view, readyz
 
 admin.site.site_header = "Agentsite"
 admin.site.site_title = "Agentsite admin"
@@ -23,6 +23,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
     # Streams (SSE) under ASGI, or answers the JSON page of RunViewSet.events.
     re_path(
         r"^api/v1/runs/(?P<pk>[0-9a-fA-F-]{32,36})/events/$",

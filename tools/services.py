@@ -24,9 +24,10 @@ from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit
-from agents.engine import backoff_seconds, countdown, mark_progress
+from agents.engine import backoff_seconds, countdown, mark_progress, observe_queued
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
+from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from approvals.models import Approval, action_digest
 
@@ -88,6 +89,7 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
                 payload={
                     "tool": step.tool_name,
                     "error": "worker lost on the last attempt allowed",
+                    "error_type": "worker_lost",
                 },
             )
             advance_run_on_commit(run.pk)
@@ -104,6 +106,8 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         )
         if not claimed:
             return None
+        if step.status == Step.Status.PENDING:  # due since it was asked for, or its backoff ended
+            observe_queued(step.not_before or step.created_at, "tool")
         # What the conditional UPDATE wrote, without reading the row back.
         step.status, step.attempts, step.started_at = Step.Status.RUNNING, step.attempts + 1, now
         step.not_before, step.lease_expires_at = None, lease
@@ -150,9 +154,25 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     step = _claim(run_id, step_index)
     if step is None:
         return ToolOutcome()
+    attributes = {
+        "agentsite.step.kind": "tool",
+        "agentsite.step.attempt": step.attempts,
+        "agentsite.tool": step.tool_name,
+    }
+    with tracing.run_span(step.run, "agent.step", step=step.index, attributes=attributes):
+        return _tool_step(step)
+
+
+def _tool_step(step: Step) -> ToolOutcome:
+    """Authorise the claimed call again, run the tool, and record what came of it."""
     spec = registry.get(step.tool_name)
     if spec is None:
-        _record(step, error=f"tool {step.tool_name!r} is no longer installed", latency_ms=0)
+        _record(
+            step,
+            error=f"tool {step.tool_name!r} is no longer installed",
+            latency_ms=0,
+            error_type="not_installed",
+        )
         return ToolOutcome()
     run = step.run  # loaded with its version by the claim
     arguments = step.request.get("arguments")
@@ -163,7 +183,7 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     if verdict.mode == "require_approval":
         problem = _check_approval(step, arguments)
         if problem:
-            _record(step, error=problem, latency_ms=0, refused=True)
+            _record(step, error=problem, latency_ms=0, refused=True, error_type="not_approved")
             return ToolOutcome()
     state = breaker.before_call(spec.name)
     if not state.allowed:
@@ -188,7 +208,10 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     try:
         args = spec.validate(step.request.get("arguments"))
         release_connection()  # a tool that needs the database takes a connection again
-        with soft_time_limit(spec.timeout, f"tool {spec.name}"):
+        with (
+            tracing.span("tool.call", attributes={"agentsite.tool": spec.name}),
+            soft_time_limit(spec.timeout, f"tool {spec.name}"),
+        ):
             result = _jsonable(spec.func(args, ctx))
     except (
         TransientToolError,
@@ -200,13 +223,16 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
         transient = exc
     except ToolError as exc:
         breaker.record_success(spec.name)  # it answered; the model's request was at fault
-        _record(step, error=str(exc), latency_ms=_ms(started))
+        _record(step, error=str(exc), latency_ms=_ms(started), error_type="tool_error")
         return ToolOutcome()
     except Exception as exc:
         breaker.record_failure(spec.name)
         logger.exception("tool %s crashed in run %s step %s", spec.name, step.run_id, step.index)
         _record(
-            step, error=f"the tool crashed: {type(exc).__name__}: {exc}", latency_ms=_ms(started)
+            step,
+            error=f"the tool crashed: {type(exc).__name__}: {exc}",
+            latency_ms=_ms(started),
+            error_type="crash",
         )
         return ToolOutcome()
     else:
@@ -247,10 +273,12 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
                     },
                 )
         return ToolOutcome(retry_in=countdown(delay) if released else None, timeout=spec.timeout)
+    timed_out = isinstance(transient, SoftTimeLimitExceeded | TimeoutError)
     _record(
         step,
         error=f"gave up after {step.attempts} attempts: {reason}",
         latency_ms=_ms(started),
+        error_type="timeout" if timed_out else "transient",
     )
     return ToolOutcome()
 
@@ -286,6 +314,7 @@ def _record(
     latency_ms: int,
     refused: bool = False,
     audit_action: str = "",
+    error_type: str = "",
 ) -> None:
     """Record the call's outcome (riding out a database outage: the tool has acted)."""
     ride_out_outage(
@@ -296,6 +325,7 @@ def _record(
             latency_ms=latency_ms,
             refused=refused,
             audit_action=audit_action,
+            error_type=error_type,
         ),
         f"recording tool step {step.index} of run {step.run_id}",
         # What is left of the call's hard time limit (timeout + grace) after the tool ran.
@@ -311,6 +341,7 @@ def _record_once(
     latency_ms: int,
     refused: bool,
     audit_action: str,
+    error_type: str = "",
 ) -> None:
     with transaction.atomic(), audit.batched():
         # Only what is read here: the run's input and result can be large JSON.
@@ -339,11 +370,31 @@ def _record_once(
             return
         mark_progress(run)
         outcome = "refused" if refused else "failed" if error else "succeeded"
+        logger.info(
+            "tool step %s: %s %s in %d ms",
+            step.index,
+            step.tool_name,
+            outcome,
+            latency_ms,
+            extra={
+                "data": {
+                    "tool": step.tool_name,
+                    "outcome": outcome,
+                    "latency_ms": latency_ms,
+                    **({"error_type": error_type} if error_type else {}),
+                }
+            },
+        )
         audit.record(
             audit_action or f"tool_call.{outcome}",
             run=run,
             step_index=step.index,
-            payload={"tool": step.tool_name, "error": error, "latency_ms": latency_ms}
+            payload={
+                "tool": step.tool_name,
+                "error": error,
+                "latency_ms": latency_ms,
+                **({"error_type": error_type} if error_type else {}),
+            }
             if error
             else {"tool": step.tool_name, "latency_ms": latency_ms},
         )

@@ -9,6 +9,7 @@ from celery import shared_task
 
 from agents.dispatch import tool_call_on_commit
 from agents.tasks import DB_ERRORS, StepTask
+from agentsite import logs
 from agentsite.pools import connections_returned_if_killed
 
 from . import services
@@ -37,7 +38,7 @@ def execute_tool_call(run_id: str, step_index: int) -> None:
     except (TypeError, ValueError):
         logger.error("execute_tool_call: rejected malformed arguments %r %r", run_id, step_index)
         return
-    with connections_returned_if_killed():
+    with connections_returned_if_killed(), logs.bound(run_id=str(run_id), step=step_index):
         outcome = services.execute_tool_call(run_id=run_id, step_index=step_index)
     if outcome.retry_in is not None:
         tool_call_on_commit(run_id, step_index, timeout=outcome.timeout, countdown=outcome.retry_in)
