@@ -7,11 +7,13 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, F, Q, QuerySet, Sum
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
 
+from approvals.models import Approval
 from tools.models import ToolGrant
 
-from . import services
+from . import services, timeline
 from .exceptions import RunAlreadyFinished, RunNotRetryable
 from .models import (
     Agent,
@@ -359,6 +361,25 @@ class RunAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [f.name for f in Run._meta.fields]
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Run | None = None,
+    ) -> HttpResponse:
+        # The timeline (admin/agents/run/timeline.html, between the fields and the steps):
+        # two queries however long the run.
+        if obj is not None:
+            context["timeline"] = timeline.run_timeline(obj, now=timezone.now())
+            site = self.admin_site
+            context["timeline_links_approvals"] = site.is_registered(
+                Approval
+            ) and site.get_model_admin(Approval).has_view_permission(request)
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     @admin.action(description="Cancel the selected runs", permissions=["change"])
     def cancel_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
