@@ -81,8 +81,11 @@ up: migrate
 	@if [[ "$${DATABASE_URL:-}" == postgres* && "$${CELERY_BROKER_URL:-}" == redis* ]]; then \
 	  pool=gevent; concurrency=$${WORKER_CONCURRENCY:-200}; prefetch=2; \
 	else pool=prefork; concurrency=2; prefetch=1; fi; \
+	flower_password=$${FLOWER_PASSWORD:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(12))')}; \
+	echo "API and admin: http://127.0.0.1:8000  metrics: :8000/metrics (web), :$${AGENTSITE_WORKER_METRICS_PORT:-9808}/metrics (worker)"; \
+	echo "Flower: http://127.0.0.1:5555  user $${FLOWER_USER:-admin}, password $$( [[ -n "$${FLOWER_PASSWORD:-}" ]] && echo 'from FLOWER_PASSWORD' || echo "$$flower_password (set FLOWER_PASSWORD to choose)")"; \
 	DEBUG=$${DEBUG:-1} WORKER_POOL=$$pool WORKER_CONCURRENCY=$$concurrency WORKER_PREFETCH=$$prefetch \
-	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	  FLOWER_PASSWORD=$$flower_password PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 fake-openai: venv
 	$(BIN)/python -m agents.providers.fake_server --port 8765

@@ -152,6 +152,26 @@ def test_web_runs_gunicorn_with_uvicorn_workers_on_agentsite_asgi():
     assert "agentsite.asgi" in joined and "uvicorn_worker.UvicornWorker" in joined
 
 
+def test_metrics_are_served_by_every_web_worker_and_by_each_worker_container():
+    web = command_args(services()["web"])
+    assert "--config=gunicorn.conf.py" in web  # multiprocess mode (gunicorn.conf.py)
+    assert (ROOT / "gunicorn.conf.py").is_file()
+    worker = services()["worker"]
+    assert environment(worker)["AGENTSITE_WORKER_METRICS_PORT"] == "9808"
+    assert environment(worker)["AGENTSITE_WORKER_METRICS_ADDR"] == "0.0.0.0"
+    assert "9808" in [str(port) for port in worker.get("expose", [])]
+
+
+def test_flower_asks_for_a_password_from_the_environment():
+    args = " ".join(command_args(services()["flower"]))
+    assert "flower" in args
+    assert "--basic-auth=${FLOWER_USER:-admin}:${FLOWER_PASSWORD:?set FLOWER_PASSWORD}" in args
+    procfile = (ROOT / "Procfile").read_text()
+    flower = next(line for line in procfile.splitlines() if line.startswith("flower:"))
+    assert "--basic-auth=" in flower and "${FLOWER_PASSWORD:?" in flower
+    assert "--address=127.0.0.1" in flower  # make up: not on every interface
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, with comments dropped and continuations joined."""
     instructions: list[tuple[str, str]] = []
@@ -182,6 +202,7 @@ def test_dockerfile_cmd_runs_gunicorn_on_asgi():
     assert cmds, "Dockerfile has no CMD"
     assert "gunicorn" in cmds[-1], f"Dockerfile CMD does not run gunicorn: {cmds[-1]}"
     assert "agentsite.asgi" in cmds[-1] and "uvicorn_worker.UvicornWorker" in cmds[-1]
+    assert "--config gunicorn.conf.py" in cmds[-1]
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users and not re.fullmatch(r"(root|0)(:.*)?", users[-1]), "image must not run as root"
 

@@ -368,6 +368,7 @@ def test_run_page_draws_parallel_tool_calls_and_the_approval_between_them(
     assert 'style="left:20.00%;width:10.00%"' in row_2  # queued 2 s -> 3 s (under review)
     assert 'style="left:30.00%;width:20.00%"' in row_2  # executing 3 s -> 5 s
     assert 'class="tl-bar tl-s-succeeded"' in row_2
+    assert row_1.count('<td class="tl-num">–</td>') == 2  # a tool call has no tokens or cost
     # The approval row: its bar (2 s -> 3 s), status and reviewer.
     approval_row = section[review : section.index("</tr>", review)]
     assert 'style="left:20.00%;width:10.00%"' in approval_row

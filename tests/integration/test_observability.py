@@ -437,3 +437,75 @@ def test_one_trace_from_the_request_to_every_step(
     web_lines = [line for line in observed_api.lines() if line.get("run_id") == str(run.pk)]
     assert web_lines, observed_api.log.read_text()[-2000:]
     assert all(line["trace_id"] == trace_id and line["service"] == "web" for line in web_lines)
+
+
+def test_every_gunicorn_worker_answers_for_all_of_them(django_db_setup, tmp_path):
+    """The web service as deployed (gunicorn, two uvicorn workers, gunicorn.conf.py): whichever
+    worker a scrape reaches, it reports the requests that both served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tempfile
+
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        "DATABASE_URL": _test_database_url(),
+        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+    }
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "agentsite.asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
+                "--workers",
+                "2",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--config",
+                "gunicorn.conf.py",
+            ],  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    # gunicorn.conf.py gives this gunicorn a directory of its own (named by the master's pid).
+    metrics_dir = Path(tempfile.gettempdir()) / f"agentsite-metrics-web-{process.pid}"
+    try:
+        poll(
+            lambda: process.poll() is not None or _answers(f"{base}/healthz"),
+            timeout=60,
+            what="gunicorn",
+        )
+        assert process.poll() is None, log.read_text()
+        before = value(scrape(f"{base}/metrics"), *HEALTHZ[0], **HEALTHZ[1])
+
+        def hit(_: int) -> int:
+            with httpx.Client(base_url=base, timeout=10) as http:
+                return http.get("/healthz").status_code
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert set(pool.map(hit, range(40))) == {200}
+        # Both workers served some of them (each writes its own file)...
+        writers = {path.stem.rpartition("_")[2] for path in metrics_dir.glob("counter_*.db")}
+        assert len(writers) == 2, sorted(metrics_dir.iterdir())
+        # ...and every scrape, whichever worker answers it, counts all 40.
+        for _ in range(6):
+            counted = value(scrape(f"{base}/metrics"), *HEALTHZ[0], **HEALTHZ[1])
+            assert counted - before == 40
+    finally:
+        stop_process(process, grace=15)
+    assert not metrics_dir.exists()  # removed when gunicorn exits
+
+
+HEALTHZ = (
+    ("agentsite_http_requests_total",),
+    {"method": "GET", "route": "/healthz", "status": "200"},
+)
