@@ -442,9 +442,8 @@ def test_one_trace_from_the_request_to_every_step(
 def test_every_gunicorn_worker_answers_for_all_of_them(django_db_setup, tmp_path):
     """The web service as deployed (gunicorn, two uvicorn workers, gunicorn.conf.py): whichever
     worker a scrape reaches, it reports the requests that both served."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
 
     port = _free_port()
     env = {
