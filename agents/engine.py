@@ -30,7 +30,7 @@ from django.db.models import F
 from django.utils import timezone
 from opentelemetry.trace import SpanKind
 
-from agentsite import metrics, tracing
+from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from tools import policy
 
@@ -538,8 +538,6 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
                 )
                 if not claimed:
                     return None
-                if last.status == Step.Status.PENDING:  # a retry, due since its backoff ended
-                    observe_queued(last.not_before)
                 last.refresh_from_db()
                 messages, tools = build_messages(run, steps[:-1]), _offered_schemas(run)
                 return ModelStepPlan(
@@ -576,8 +574,6 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
             )
             return None
 
-        # Due since the step before it finished (the first: since the run was submitted).
-        observe_queued(last.finished_at if last is not None else run.created_at)
         step = Step.objects.create(
             run=run,
             index=last.index + 1 if last else 0,
@@ -591,13 +587,6 @@ def _plan(run_id: UUID | str) -> ModelStepPlan | None:
         )
         mark_progress(run)
         return ModelStepPlan(run, step, messages, tools, estimate)
-
-
-def observe_queued(due: Any, kind: str = "model") -> None:
-    """Count how long a step waited for a worker since it was due (once the claim commits)."""
-    if due is not None:
-        waited = (_now() - due).total_seconds()
-        transaction.on_commit(lambda: metrics.step_queued(kind, waited))
 
 
 def _offered_schemas(run: Run) -> list[dict[str, Any]]:

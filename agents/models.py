@@ -502,6 +502,14 @@ class Step(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["run", "index"], name="step_unique_run_index"),
         ]
+        indexes = [
+            # manage.py stats: latencies of the steps finished in a window (calls that ran).
+            models.Index(
+                fields=["finished_at"],
+                name="step_finished_latency",
+                condition=models.Q(latency_ms__isnull=False),
+            ),
+        ]
 
     def __str__(self) -> str:
         what = self.tool_name if self.kind == self.Kind.TOOL else self.model_route

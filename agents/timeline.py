@@ -151,9 +151,12 @@ class Timeline:
             return f"{self.duration_ms} ms"
         if seconds < 120:
             return f"{seconds:.2f} s"
-        if seconds < 7200:
-            return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+        whole = round(seconds)
+        if whole < 7200:
+            minutes, rest = divmod(whole, 60)
+            return f"{minutes} min {rest} s"
+        hours, rest = divmod(whole, 3600)
+        return f"{hours} h {rest // 60} min"
 
     @property
     def grid_css(self) -> str:

@@ -1,6 +1,7 @@
 """The Celery application, configured from Django settings (``CELERY_*``)."""
 
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -163,6 +164,15 @@ def _observe_worker(sender: Any = None, **kwargs: Any) -> None:
     metrics.clear_multiprocess_dir()
     if not _is_prefork(sender):
         tracing.configure("agentsite-worker")
+    elif not metrics.multiprocess_dir():
+        # The children do the work: this process's registry would stay empty.
+        _metrics_refused.append(
+            "a prefork worker's metrics need PROMETHEUS_MULTIPROC_DIR (a directory of its own): "
+            "its children do the work, and this process would serve none of it"
+        )
+
+
+_metrics_refused: list[str] = []
 
 
 @worker_process_init.connect
@@ -182,8 +192,13 @@ def _child_gone(pid: int | None = None, **kwargs: Any) -> None:
 
 @worker_ready.connect
 def _serve_metrics(**kwargs: Any) -> None:
+    from django.conf import settings
+
     from . import metrics
 
+    if _metrics_refused and settings.AGENTSITE_WORKER_METRICS_PORT is not None:
+        logging.getLogger(__name__).error("worker metrics not served: %s", _metrics_refused[0])
+        return
     metrics.serve_worker_metrics()
 
 
@@ -204,18 +219,22 @@ def _observe_beat(**kwargs: Any) -> None:
 @before_task_publish.connect(weak=False, dispatch_uid="agentsite.trace.publish")
 def _propagate_trace(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
     """Every message carries its publisher's trace context (a run's step, or the request that
-    submitted the run) as ``traceparent``."""
+    submitted the run) as ``traceparent``, and the time it was sent (for the queue's wait)."""
     if headers is not None:
-        from . import tracing
+        import time
+
+        from . import metrics, tracing
 
         tracing.inject(headers)
+        headers[metrics.SENT_HEADER] = time.time()
 
 
 @task_prerun.connect(weak=False, dispatch_uid="agentsite.trace.prerun")
 def _task_started(task_id: str = "", task: Any = None, **kwargs: Any) -> None:
-    from . import tracing
+    from . import metrics, tracing
 
     if task is not None:
+        metrics.task_started(task)
         tracing.task_started(task, task_id)
 
 

@@ -42,15 +42,28 @@ def readyz(request: HttpRequest) -> JsonResponse:
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """Prometheus text format: this web process's metrics (its service's, in multiprocess
     mode) and the state gauges read from Postgres and Redis (agentsite.metrics). With
-    AGENTSITE_METRICS_TOKEN set, only for ``Authorization: Bearer <token>``."""
+    AGENTSITE_METRICS_TOKEN set, only for ``Authorization: Bearer <token>``; in production
+    without one, only if AGENTSITE_METRICS_PUBLIC says so."""
     token = settings.AGENTSITE_METRICS_TOKEN
     if token:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
             response = JsonResponse(
                 error_body("not_authenticated", "A metrics token is needed."), status=401
             )
             response["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
+    elif not (settings.DEBUG or settings.AGENTSITE_METRICS_PUBLIC):
+        # Agents, tools, routes and the review queue are not for everyone who reaches the port.
+        return JsonResponse(
+            error_body(
+                "metrics_not_configured",
+                "Set AGENTSITE_METRICS_TOKEN (scrape with 'Authorization: Bearer <token>'), or "
+                "AGENTSITE_METRICS_PUBLIC=1 where only the monitoring network reaches this port.",
+            ),
+            status=403,
+        )
     body, content_type = metrics.exposition(state=True)
     return HttpResponse(body, content_type=content_type)

@@ -4,7 +4,7 @@
 default in development). Both carry the context: what ``bound`` put in place (the run, its
 agent and step, the Celery task) and the current span's trace and span ids. Records pass the
 redacting filter (agentsite.redaction) before they are formatted, in the web process and in
-Celery's own handlers alike.
+Celery's own handlers alike, and the formatters redact tracebacks.
 """
 
 from __future__ import annotations
@@ -98,12 +98,18 @@ class JsonFormatter(logging.Formatter):
             doc["stack"] = self.formatStack(record.stack_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
 
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return _redacted_traceback(super().formatException(ei))
+
 
 class TextFormatter(logging.Formatter):
     """``time level logger message [run=... step=... trace=...]`` for people reading a terminal."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return _redacted_traceback(super().formatException(ei))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -120,6 +126,14 @@ class TextFormatter(logging.Formatter):
         )
         head, newline, tail = line.partition("\n")  # a traceback goes after the context
         return f"{head} [{shown}]{newline}{tail}"
+
+
+def _redacted_traceback(text: str) -> str:
+    """A traceback's lines quote values (an exception's message, the arguments a frame shows):
+    redacted like the message."""
+    from .redaction import redact
+
+    return str(redact(text))
 
 
 def formatter(kind: str) -> logging.Formatter:

@@ -61,10 +61,11 @@ STEP_DURATION = Histogram(
     ["kind", "model", "tool"],
     buckets=STEP_BUCKETS,
 )
-STEP_QUEUED = Histogram(
-    "agentsite_step_queued_seconds",
-    "Time a step waited from being due (created, or its backoff over) to a worker taking it.",
-    ["kind"],
+TASK_WAIT = Histogram(
+    "agentsite_task_wait_seconds",
+    "Time a Celery message waited between being due (published, or its countdown over) and a "
+    "worker starting it, by task: the queue's latency as the work sees it.",
+    ["task"],
     buckets=STEP_BUCKETS,
 )
 MODEL_TOKENS = Counter(
@@ -156,6 +157,66 @@ def bounded(label: str, value: Any) -> str:
         return text
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str | None) -> str:
+    """A request's method, or ``other`` (any caller may send a made-up one)."""
+    return method if method in HTTP_METHODS else OTHER
+
+
+def tool_label(name: Any) -> str:
+    """An installed tool's name, or ``other``: the model names the tools it calls, and a
+    refused call to a tool that does not exist must not make a series of its own."""
+    from tools.registry import registry
+
+    text = str(name or "")
+    return bounded("tool", text) if text in registry else OTHER
+
+
+_routes: dict[str, Any] = {"at": -1e9, "known": frozenset()}
+_ROUTES_TTL = 30.0
+_ROUTES_MISS_TTL = 1.0  # a route not known yet is looked for again, at most this often
+
+
+def known_routes(looking_for: str = "") -> frozenset[str]:
+    """The routes operators configured (every version's route, routine route and fallbacks,
+    and the priced routes), read at most every 30 s per process."""
+    import time
+
+    now = time.monotonic()
+    age = now - _routes["at"]
+    known = not looking_for or looking_for in _routes["known"]
+    if age < _ROUTES_TTL and (known or age < _ROUTES_MISS_TTL):
+        return _routes["known"]  # type: ignore[no-any-return]
+    from agents.models import Agent, AgentVersion, ModelPrice
+
+    found: set[str] = set()
+    try:
+        for model_, routine, fallbacks in (
+            *Agent.objects.values_list("model_route", "routine_route", "fallback_routes"),
+            *AgentVersion.objects.values_list("model_route", "routine_route", "fallback_routes")
+            .order_by()
+            .distinct(),
+        ):
+            found.update(r for r in (model_, routine) if r)
+            found.update(r for r in fallbacks or [] if isinstance(r, str))
+        found.update(ModelPrice.objects.values_list("route", flat=True))
+    except Exception:  # keep what was known; a metric must not fail the caller
+        return _routes["known"]  # type: ignore[no-any-return]
+    _routes.update(at=now, known=frozenset(found))
+    return _routes["known"]  # type: ignore[no-any-return]
+
+
+def model_label(route: Any) -> str:
+    """A configured route, or ``other``: a client may override a run's route with one of its
+    own, and each would otherwise be a series."""
+    text = str(route or "")
+    if not text:
+        return ""
+    return bounded("model", text) if text in known_routes(text) else OTHER
+
+
 _agent_slugs: dict[int, str] = {}
 
 
@@ -183,7 +244,7 @@ def agent_label(agent_id: int | None) -> str:
 
 # --- Events, from the audit trail -------------------------------------------------------------
 
-_DECIDED = {"approved", "edited", "rejected", "expired", "cancelled"}
+_DECIDED = {"approved", "rejected", "expired", "cancelled"}  # an edit is approved, edited
 _TOOL_OUTCOMES = {"succeeded", "failed", "refused", "short_circuited"}
 
 
@@ -234,7 +295,7 @@ def _observe(action: str, agent_id: int | None, payload: dict[str, Any]) -> None
     elif family == "step":
         _observe_step(what, agent_id, payload)
     elif family == "tool_call" and what in _TOOL_OUTCOMES:
-        tool = bounded("tool", payload.get("tool"))
+        tool = tool_label(payload.get("tool"))
         TOOL_CALLS.labels(tool, what).inc()
         seconds = _ms(payload)
         if seconds is not None and what in ("succeeded", "failed"):
@@ -250,12 +311,13 @@ def _observe(action: str, agent_id: int | None, payload: dict[str, Any]) -> None
                 agent_label(agent_id), bounded("reason", payload.get("reason"))
             ).inc()
         elif what in _DECIDED:
-            APPROVALS_DECIDED.labels(agent_label(agent_id), what).inc()
+            outcome = "edited" if what == "approved" and payload.get("edited") else what
+            APPROVALS_DECIDED.labels(agent_label(agent_id), outcome).inc()
 
 
 def _observe_step(what: str, agent_id: int | None, payload: dict[str, Any]) -> None:
     if what in ("succeeded", "discarded") and payload.get("kind") == "model":
-        model = bounded("model", payload.get("route"))
+        model = model_label(payload.get("route"))
         agent = agent_label(agent_id)
         MODEL_CALLS.labels(model, "succeeded").inc()
         seconds = _ms(payload)
@@ -273,27 +335,46 @@ def _observe_step(what: str, agent_id: int | None, payload: dict[str, Any]) -> N
                 MODEL_COST.labels(agent, model).inc(value)
     elif what == "retry_scheduled":
         if payload.get("tool"):
-            STEP_RETRIES.labels("tool", "", bounded("tool", payload["tool"])).inc()
+            STEP_RETRIES.labels("tool", "", tool_label(payload["tool"])).inc()
         else:
-            model = bounded("model", payload.get("route"))
+            model = model_label(payload.get("route"))
             STEP_RETRIES.labels("model", model, "").inc()
-            MODEL_CALLS.labels(model, "retried").inc()
+            if model:  # a call was made (not, say, a database error before it)
+                MODEL_CALLS.labels(model, "retried").inc()
     elif what == "fallback":
-        model = bounded("model", payload.get("from"))
+        model = model_label(payload.get("from"))
         MODEL_FALLBACKS.labels(model).inc()
         MODEL_CALLS.labels(model, "fell_back").inc()
     elif what == "rate_limited":
         STEP_DEFERRALS.labels(
-            bounded("model", payload.get("route")), bounded("reason", payload.get("reason"))
+            model_label(payload.get("route")), bounded("reason", payload.get("reason"))
         ).inc()
-    elif what == "failed" and "attempts" in payload:
-        MODEL_CALLS.labels(bounded("model", payload.get("route")), "failed").inc()
+    elif what == "failed" and payload.get("route"):
+        MODEL_CALLS.labels(model_label(payload.get("route")), "failed").inc()
 
 
-def step_queued(kind: str, seconds: float) -> None:
-    """A worker took a step that had been due for ``seconds``."""
-    if seconds >= 0:
-        STEP_QUEUED.labels(kind).observe(seconds)
+SENT_HEADER = "agentsite_sent_at"  # when a message was published (epoch seconds)
+
+
+def task_started(task: Any) -> None:
+    """A worker starts a message: how long it waited since it was due (published, or its
+    countdown over). Messages published by other programs carry no time and are not counted."""
+    import time
+    from datetime import datetime
+
+    request = task.request
+    sent = request.get(SENT_HEADER)
+    if not isinstance(sent, int | float) or isinstance(sent, bool):
+        return
+    due = float(sent)
+    eta = request.eta
+    if eta:
+        try:
+            moment = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
+            due = max(due, moment.timestamp())
+        except (TypeError, ValueError):
+            pass
+    TASK_WAIT.labels(bounded("task", task.name)).observe(max(0.0, time.time() - due))
 
 
 # --- State, read when scraped -----------------------------------------------------------------
@@ -375,25 +456,31 @@ _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)
 
 
+_broker_clients: dict[str, Any] = {}
+
+
+def _broker_client(url: str) -> Any:
+    """A client of the broker's Redis, one per URL for the process (a scrape reuses it)."""
+    client = _broker_clients.get(url)
+    if client is None:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        _broker_clients[url] = client
+    return client
+
+
 def _queue_gauges() -> Iterable[Metric]:
     if not settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         return
-    import redis
-
-    client = redis.Redis.from_url(
-        settings.CELERY_BROKER_URL, socket_timeout=2, socket_connect_timeout=2
-    )
-    try:
-        pipe = client.pipeline(transaction=False)
-        queues = celery_queues()
-        for queue in queues:
-            for step in _PRIORITY_STEPS:
-                pipe.llen(queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}")
-        pipe.hlen("unacked")
-        pipe.zcard("unacked_index")
-        replies = pipe.execute()
-    finally:
-        client.close()
+    client = _broker_client(settings.CELERY_BROKER_URL)
+    pipe = client.pipeline(transaction=False)
+    queues = celery_queues()
+    for queue in queues:
+        for step in _PRIORITY_STEPS:
+            pipe.llen(queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}")
+    pipe.hlen("unacked")
+    replies = pipe.execute()
     depth = GaugeMetricFamily(
         "agentsite_celery_queue_length",
         "Messages waiting in a Celery queue (not yet taken by a worker).",
@@ -407,7 +494,7 @@ def _queue_gauges() -> Iterable[Metric]:
         "agentsite_celery_unacked_messages",
         "Messages taken by workers and not yet acknowledged (running, or reserved by a "
         "worker's prefetch; a countdown waits here too).",
-        value=int(replies[-2]),
+        value=int(replies[-1]),
     )
 
 

@@ -119,7 +119,7 @@ class ObservabilityMiddleware:
     def _finish(self, request: HttpRequest, response: Any, span: Any, started: float) -> None:
         match = getattr(request, "resolver_match", None)
         route = metrics.bounded("route", route_label(match.route) if match else "unmatched")
-        method = metrics.bounded("method", request.method)
+        method = metrics.method_label(request.method)
         status = response.status_code
         metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
         metrics.HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)

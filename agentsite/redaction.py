@@ -267,8 +267,8 @@ def redact(value: Any) -> Any:
 class RedactingFilter(logging.Filter):
     """Redacts a log record's message. The message is formatted here, once, and stored with
     the arguments cleared, since PII usually arrives in the arguments (``"sent to %s"``).
-    Tracebacks are left as they are. Install it on handlers, so that it sees the records
-    propagated from every logger."""
+    Tracebacks are redacted by the formatters (agentsite.logs), which write them. Install it on
+    handlers, so that it sees the records propagated from every logger."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

@@ -497,9 +497,12 @@ AGENTSITE_REDACT_PATTERNS = _redaction.parse_patterns(
 
 # --- Observability ----------------------------------------------------------------------------
 # README, Observability. Metrics: the web process at /metrics (with AGENTSITE_METRICS_TOKEN set,
-# only with "Authorization: Bearer <token>"); a worker on AGENTSITE_WORKER_METRICS_PORT (unset:
-# none). Traces: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (agentsite/tracing.py).
+# only with "Authorization: Bearer <token>"; without, only with DEBUG or AGENTSITE_METRICS_PUBLIC);
+# a worker on AGENTSITE_WORKER_METRICS_PORT (unset: none). Traces: OTLP when
+# OTEL_EXPORTER_OTLP_ENDPOINT is set (agentsite/tracing.py).
 AGENTSITE_METRICS_TOKEN = os.environ.get("AGENTSITE_METRICS_TOKEN", "")
+# Without a token, /metrics answers only with DEBUG on, or with this set (a private port).
+AGENTSITE_METRICS_PUBLIC = env_bool("AGENTSITE_METRICS_PUBLIC", False)
 AGENTSITE_METRICS_MAX_LABEL_VALUES = env_int("AGENTSITE_METRICS_MAX_LABEL_VALUES", 200)
 _metrics_port = os.environ.get("AGENTSITE_WORKER_METRICS_PORT", "").strip()
 AGENTSITE_WORKER_METRICS_PORT = (

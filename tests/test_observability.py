@@ -8,7 +8,9 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -21,13 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
 from agents import audit
-from agents.models import Run
+from agents.models import ModelPrice, Run
 from agents.services import create_api_key, submit_run
 from agentsite import logs, metrics, tracing
 from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
-from tests.conftest import ROOT
+from tests.conftest import ROOT, _test_database_url
 from tools import breaker
 
 pytestmark = pytest.mark.django_db
@@ -35,6 +37,12 @@ pytestmark = pytest.mark.django_db
 
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(autouse=True)
+def _metrics_open(settings: Any) -> None:
+    """Tests run with DEBUG off, where /metrics wants a token unless told it is public."""
+    settings.AGENTSITE_METRICS_PUBLIC = True
 
 
 def scraped(client: Any, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -50,7 +58,10 @@ def scraped(client: Any, **headers: str) -> dict[tuple[str, tuple[tuple[str, str
 # --- Counting the audit trail -----------------------------------------------------------------
 
 
-def test_a_committed_audit_event_is_counted_once(make_agent, django_capture_on_commit_callbacks):
+def test_a_committed_audit_event_is_counted_once(
+    make_agent, django_capture_on_commit_callbacks, known_routes
+):
+    known_routes("m:x")
     run = submit_run(agent=make_agent(slug="counted"), input="hi")
     before = sample("agentsite_model_tokens_total", agent="counted", model="m:x", direction="input")
     cost_before = sample("agentsite_model_cost_total", agent="counted", model="m:x")
@@ -135,11 +146,62 @@ def test_an_event_rolled_back_with_its_change_is_not_counted(make_agent):
         ),
     ],
 )
-def test_each_kind_of_event_moves_its_metric(action, payload, metric, labels):
+def test_each_kind_of_event_moves_its_metric(action, payload, metric, labels, known_routes):
+    known_routes("p:retry", "p:limited", "p:down")
     before = sample(metric, **labels)
     metrics.observe(action, None, payload)
     metrics.observe(action, None, payload)
     assert sample(metric, **labels) == before + 2
+
+
+@pytest.fixture
+def known_routes(db: None) -> Any:
+    """Routes an operator configured (priced here), read afresh by the metrics."""
+
+    def configure(*routes: str) -> None:
+        for route in routes:
+            ModelPrice.objects.get_or_create(
+                route=route, defaults={"input_per_million": 1, "output_per_million": 1}
+            )
+        metrics._routes["at"] = -1e9  # forget what this process read before
+
+    return configure
+
+
+def test_names_from_outside_do_not_make_series_of_their_own(known_routes):
+    """A client's route, a tool the model made up, a method nobody uses: all ``other``."""
+    known_routes("p:configured")
+    assert metrics.model_label("p:configured") == "p:configured"
+    assert metrics.model_label("evil:junk-1") == "other"
+    assert metrics.tool_label("dawdle") == "dawdle"
+    assert metrics.tool_label("made_up_tool_0") == "other"
+    assert metrics.method_label("POST") == "POST" and metrics.method_label("BREW") == "other"
+    before = sample("agentsite_tool_calls_total", tool="other", outcome="refused")
+    metrics.observe("tool_call.refused", None, {"tool": "made_up_tool_1", "reason": "no"})
+    assert sample("agentsite_tool_calls_total", tool="other", outcome="refused") == before + 1
+
+
+def test_a_message_is_timed_from_when_it_was_due():
+    class Request(dict):
+        eta = None
+
+    class Task:
+        name = "tools.execute_tool_call"
+        request = Request()
+
+    labels = {"task": "tools.execute_tool_call"}
+    count = sample("agentsite_task_wait_seconds_count", **labels)
+    total = sample("agentsite_task_wait_seconds_sum", **labels)
+    Task.request[metrics.SENT_HEADER] = time.time() - 2.0  # sent 2 s ago
+    metrics.task_started(Task)
+    Task.request.eta = datetime.fromtimestamp(time.time() - 0.5, UTC).isoformat()  # a countdown
+    metrics.task_started(Task)
+    Task.request[metrics.SENT_HEADER] = "not a time"  # another program's message
+    metrics.task_started(Task)
+
+    assert sample("agentsite_task_wait_seconds_count", **labels) == count + 2
+    waited = sample("agentsite_task_wait_seconds_sum", **labels) - total
+    assert 2.5 <= waited < 3.0  # 2 s since sent + 0.5 s since the countdown ended
 
 
 def test_events_that_measure_nothing_schedule_nothing(
@@ -218,8 +280,20 @@ def test_metrics_need_the_token_when_one_is_set(settings):
     client = APIClient()
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrông").status_code == 401
     found = scraped(client, HTTP_AUTHORIZATION="Bearer s3cret-scrape")
     assert any(name == "agentsite_runs_active" for name, _ in found)
+
+
+def test_production_serves_metrics_only_with_a_token_or_when_told_they_are_public(settings):
+    settings.DEBUG = False
+    settings.AGENTSITE_METRICS_PUBLIC = False
+    client = APIClient()
+    response = client.get("/metrics")
+    assert response.status_code == 403
+    assert "AGENTSITE_METRICS_TOKEN" in response.json()["error"]["message"]
+    settings.AGENTSITE_METRICS_PUBLIC = True
+    assert client.get("/metrics").status_code == 200
 
 
 def test_a_source_that_cannot_be_read_is_left_out_of_the_scrape(settings):
@@ -241,11 +315,14 @@ def test_requests_are_counted_by_pattern_and_status(make_agent):
     assert sample("agentsite_http_requests_total", **labels) == before + 2
 
 
-def test_processes_sharing_a_multiprocess_dir_are_added_up(tmp_path):
+@pytest.mark.django_db(transaction=True)  # the processes read the configured routes
+def test_processes_sharing_a_multiprocess_dir_are_added_up(tmp_path, known_routes):
+    known_routes("p:m")
     env = {
         **os.environ,
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
         "DJANGO_SETTINGS_MODULE": "agentsite.settings",
+        "DATABASE_URL": _test_database_url(),
         "DEBUG": "1",
     }
     count = (

@@ -383,6 +383,22 @@ def test_the_logging_filter_leaves_the_traceback_alone(agents_log: _Collect) -> 
     assert "ValueError: boom for carol@example.com" in line
 
 
+@pytest.mark.parametrize("kind", ["json", "text"])
+def test_the_projects_formatters_redact_the_traceback(kind: str) -> None:
+    from agentsite.logs import formatter
+
+    try:
+        raise ValueError("boom for carol@example.com with sk-live-0123456789abcdef0123")
+    except ValueError:
+        record = logging.LogRecord(
+            "agents.engine", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    RedactingFilter().filter(record)
+    line = formatter(kind).format(record)
+    assert "ValueError: boom for [email] with [secret]" in line.replace("\\n", "\n")
+    assert "carol@example.com" not in line and "sk-live" not in line
+
+
 def test_every_configured_handler_redacts() -> None:
     handlers = settings.LOGGING["handlers"]
     assert handlers and all("redact" in h.get("filters", []) for h in handlers.values())

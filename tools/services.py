@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit
-from agents.engine import backoff_seconds, countdown, mark_progress, observe_queued
+from agents.engine import backoff_seconds, countdown, mark_progress
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 from agentsite import tracing
@@ -106,8 +106,6 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
         )
         if not claimed:
             return None
-        if step.status == Step.Status.PENDING:  # due since it was asked for, or its backoff ended
-            observe_queued(step.not_before or step.created_at, "tool")
         # What the conditional UPDATE wrote, without reading the row back.
         step.status, step.attempts, step.started_at = Step.Status.RUNNING, step.attempts + 1, now
         step.not_before, step.lease_expires_at = None, lease
@@ -170,7 +168,7 @@ def _tool_step(step: Step) -> ToolOutcome:
         _record(
             step,
             error=f"tool {step.tool_name!r} is no longer installed",
-            latency_ms=0,
+            latency_ms=None,
             error_type="not_installed",
         )
         return ToolOutcome()
@@ -178,19 +176,19 @@ def _tool_step(step: Step) -> ToolOutcome:
     arguments = step.request.get("arguments")
     verdict = policy.authorize(run, spec.name, arguments)
     if verdict.refusal:
-        _record(step, error=verdict.refusal, latency_ms=0, refused=True)
+        _record(step, error=verdict.refusal, latency_ms=None, refused=True)
         return ToolOutcome()
     if verdict.mode == "require_approval":
         problem = _check_approval(step, arguments)
         if problem:
-            _record(step, error=problem, latency_ms=0, refused=True, error_type="not_approved")
+            _record(step, error=problem, latency_ms=None, refused=True, error_type="not_approved")
             return ToolOutcome()
     state = breaker.before_call(spec.name)
     if not state.allowed:
         _record(
             step,
             error=policy.unavailable_message(spec.name, state.retry_in),
-            latency_ms=0,
+            latency_ms=None,
             audit_action="tool_call.short_circuited",
         )
         return ToolOutcome()
@@ -311,12 +309,13 @@ def _record(
     *,
     result: Any = None,
     error: str = "",
-    latency_ms: int,
+    latency_ms: int | None,
     refused: bool = False,
     audit_action: str = "",
     error_type: str = "",
 ) -> None:
-    """Record the call's outcome (riding out a database outage: the tool has acted)."""
+    """Record the call's outcome (riding out a database outage: the tool has acted).
+    ``latency_ms`` is None for a call that never ran (refused, short-circuited...)."""
     ride_out_outage(
         lambda: _record_once(
             step,
@@ -329,7 +328,7 @@ def _record(
         ),
         f"recording tool step {step.index} of run {step.run_id}",
         # What is left of the call's hard time limit (timeout + grace) after the tool ran.
-        within=_hard_limit(step.tool_name) - latency_ms / 1000 - 2,
+        within=_hard_limit(step.tool_name) - (latency_ms or 0) / 1000 - 2,
     )
 
 
@@ -338,7 +337,7 @@ def _record_once(
     *,
     result: Any,
     error: str,
-    latency_ms: int,
+    latency_ms: int | None,
     refused: bool,
     audit_action: str,
     error_type: str = "",
@@ -371,11 +370,11 @@ def _record_once(
         mark_progress(run)
         outcome = "refused" if refused else "failed" if error else "succeeded"
         logger.info(
-            "tool step %s: %s %s in %d ms",
+            "tool step %s: %s %s%s",
             step.index,
             step.tool_name,
             outcome,
-            latency_ms,
+            "" if latency_ms is None else f" in {latency_ms} ms",
             extra={
                 "data": {
                     "tool": step.tool_name,

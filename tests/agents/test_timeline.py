@@ -196,6 +196,15 @@ def test_an_active_run_ends_its_axis_now():
     assert [t.left for t in tl.ticks] == [0, 25, 50, 75, 100]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "label"),
+    [(179.6, "3 min 0 s"), (130.2, "2 min 10 s"), (7199.7, "2 h 0 min"), (9000, "2 h 30 min")],
+)
+def test_long_durations_read_in_minutes_and_hours(seconds, label):
+    tl = build_timeline(make_run(finished=seconds), [], [], now=at(seconds + 5))
+    assert tl.duration_label == label
+
+
 def test_a_run_of_zero_duration_draws_points_not_a_division_by_zero():
     run = make_run(finished=0)
     steps = [make_step(0, Step.Kind.MODEL, created=0, started=0, finished=0, latency_ms=0)]
@@ -384,7 +393,7 @@ def test_run_page_draws_parallel_tool_calls_and_the_approval_between_them(
     # The axis and the legend.
     for seconds in (0, 2, 4, 6, 8, 10):
         assert f'style="left:{seconds * 10}.00%">{seconds} s</span>' in section
-    assert "Took 10.00 s" in section and "queued (created, not yet taken by a worker)" in section
+    assert "Took 10.00 s" in section and "waiting (queued for a worker;" in section
     assert "not drawn" not in section
 
 

@@ -102,6 +102,8 @@ def observed_worker(
         **_otel_env(collector),
         "AGENTSITE_WORKER_METRICS_PORT": str(port),
     }
+    if celery_worker.pool == "prefork":  # the children do the work (README, Observability)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path_factory.mktemp("worker-metrics"))
     name = f"observed-{os.getpid()}@{socket.gethostname()}"
     log = tmp_path_factory.mktemp("observed-worker") / "worker.log"
     log.write_bytes(b"")
@@ -286,9 +288,9 @@ def test_counters_move_by_what_the_runs_did(observed_worker, observed_api, make_
     assert delta("agentsite_tool_calls_total", tool="dawdle", outcome="failed") == runs
     assert delta("agentsite_tool_errors_total", tool="dawdle", type="timeout") == runs
     assert delta("agentsite_step_duration_seconds_count", kind="tool", tool="dawdle") == 3 * runs
-    # The three tool steps of each run waited for a worker; so did both model steps.
-    assert delta("agentsite_step_queued_seconds_count", kind="tool") == 3 * runs
-    assert delta("agentsite_step_queued_seconds_count", kind="model") == 2 * runs
+    # Each tool call was one message, timed from its publication to its start.
+    assert delta("agentsite_task_wait_seconds_count", task="tools.execute_tool_call") == 3 * runs
+    assert delta("agentsite_task_wait_seconds_count", task="agents.advance_run") >= 2 * runs
     # The timed-out calls took about their 1 s limit: the histogram's sum says so.
     tool_seconds = delta("agentsite_step_duration_seconds_sum", kind="tool", tool="dawdle")
     assert 1.0 * runs <= tool_seconds < 1.0 * runs + 2.0
