@@ -220,11 +220,14 @@ def model_label(route: Any) -> str:
 _agent_slugs: dict[int, str] = {}
 
 
-def agent_slug(agent_id: int | None) -> str:
-    """The agent's slug (cached per process: a slug is an agent's name, and rarely changes)."""
+def agent_slug(agent_id: int | None, *, loaded: Any = None) -> str:
+    """The agent's slug (cached per process: a slug is an agent's name, and rarely changes);
+    ``loaded`` is the agent when the caller has it already (no query then)."""
     if agent_id is None:
         return ""
     slug = _agent_slugs.get(agent_id)
+    if slug is None and loaded is not None and len(_agent_slugs) < 10_000:
+        slug = _agent_slugs[agent_id] = loaded.slug
     if slug is None:
         from agents.models import Agent
 

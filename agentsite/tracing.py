@@ -213,7 +213,7 @@ def run_span(
         parent = remote_parent(run.trace_id, getattr(run, "trace_span_id", ""))
         here = trace.get_current_span().get_span_context()
         links = [Link(here)] if here.is_valid else None
-    agent = agent_slug(run.agent_id)
+    agent = agent_slug(run.agent_id, loaded=run.agent if type(run).agent.is_cached(run) else None)
     attrs = {"agentsite.run_id": str(run.pk), "agentsite.agent": agent, "agentsite.step": step}
     attrs.update(attributes or {})
     with (

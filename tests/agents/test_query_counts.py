@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from agents import engine
+from agents import engine, governance
 from agents.models import Run
 from agents.services import submit_run
 from tools.services import execute_tool_call
@@ -34,6 +34,10 @@ def statements(capture: CaptureQueriesContext) -> list[str]:
 def test_statements_per_engine_step(make_agent):
     agent = make_agent(tools=["calculator"], script=SCRIPT)
     run = submit_run(agent=agent, input="x")
+    # A worker's steady state: the model prices are cached (10 s), as they were whenever an
+    # earlier test of the session had read them lately (the figure depended on test order).
+    governance.forget_prices()
+    governance.price_of(run.model_route)
 
     with CaptureQueriesContext(connection) as model_turn:
         engine.advance(run.pk)  # start the run, the model call, one tool call recorded
