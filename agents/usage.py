@@ -1,7 +1,7 @@
 """Usage and cost summed per agent, agent version, API key or model: one aggregate query.
 
-The API (``GET /api/v1/usage/``), ``manage.py usage`` and the admin's version comparison all
-read it, so the figures agree wherever they are looked at.
+The API (``GET /api/v1/usage/``), ``manage.py stats`` (tokens and cost by agent) and the admin's
+version comparison all read it, so the figures agree wherever they are looked at.
 """
 
 from __future__ import annotations

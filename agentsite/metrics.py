@@ -120,6 +120,17 @@ APPROVALS_DECIDED = Counter(
     "Reviews ended, by agent and outcome (approved, edited, rejected, expired, cancelled).",
     ["agent", "outcome"],
 )
+WEBHOOK_DELIVERIES = Counter(
+    "agentsite_webhook_deliveries",
+    "Run webhooks that ended: delivered, or failed for good (after every attempt).",
+    ["outcome"],
+)
+OUTBOX_DELIVERIES = Counter(
+    "agentsite_outbox_deliveries",
+    "Side effects the outbox relay tried to deliver, by kind and outcome (delivered; retry: "
+    "failed, tried again on a later pass; failed: given up).",
+    ["kind", "outcome"],
+)
 HTTP_REQUESTS = Counter(
     "agentsite_http_requests",
     "HTTP requests by method, URL pattern and status code.",
@@ -263,6 +274,8 @@ _COUNTED = {
     "step.rate_limited",
     "step.failed",
     "approval.requested",
+    "webhook.delivered",
+    "webhook.failed",
     *(f"tool_call.{outcome}" for outcome in _TOOL_OUTCOMES),
     *(f"approval.{outcome}" for outcome in _DECIDED),
 }
@@ -308,6 +321,8 @@ def _observe(action: str, agent_id: int | None, payload: dict[str, Any]) -> None
             TOOL_ERRORS.labels(
                 tool, bounded("error_type", payload.get("error_type") or default)
             ).inc()
+    elif family == "webhook":
+        WEBHOOK_DELIVERIES.labels(what).inc()
     elif family == "approval":
         if what == "requested":
             APPROVALS_REQUESTED.labels(
@@ -388,7 +403,13 @@ class StateCollector(Collector):
     left out of this scrape (and logged) rather than failing the whole scrape."""
 
     def collect(self) -> Iterator[Metric]:
-        for read in (_run_gauges, _approval_gauges, _queue_gauges, _breaker_gauges):
+        for read in (
+            _run_gauges,
+            _approval_gauges,
+            _outbox_gauges,
+            _queue_gauges,
+            _breaker_gauges,
+        ):
             try:
                 yield from read()
             except Exception as exc:
@@ -441,6 +462,37 @@ def _approval_gauges() -> Iterable[Metric]:
     now = timezone.now()
     for slug, n, oldest in rows:
         label = bounded("agent", slug)
+        pending.add_metric([label], n)
+        age.add_metric([label], max(0.0, (now - oldest).total_seconds()))
+    yield pending
+    yield age
+
+
+def _outbox_gauges() -> Iterable[Metric]:
+    from django.db.models import Count, Min
+    from django.utils import timezone
+
+    from tools.models import OutboxMessage
+
+    rows = (
+        OutboxMessage.objects.filter(status=OutboxMessage.Status.PENDING)
+        .values_list("kind")
+        .annotate(n=Count("id"), oldest=Min("created_at"))
+        .values_list("kind", "n", "oldest")
+    )
+    pending = GaugeMetricFamily(
+        "agentsite_outbox_pending",
+        "Side effects recorded by tools and not yet delivered, by kind.",
+        labels=["kind"],
+    )
+    age = GaugeMetricFamily(
+        "agentsite_outbox_oldest_pending_age_seconds",
+        "Age of the oldest side effect not yet delivered, by kind.",
+        labels=["kind"],
+    )
+    now = timezone.now()
+    for kind, n, oldest in rows:
+        label = bounded("outbox_kind", kind)
         pending.add_metric([label], n)
         age.add_metric([label], max(0.0, (now - oldest).total_seconds()))
     yield pending

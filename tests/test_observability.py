@@ -275,6 +275,39 @@ def test_the_web_process_serves_the_state_gauges(make_agent, settings):
     )
 
 
+def test_outbox_deliveries_are_counted_and_what_waits_is_measured(
+    settings, mailoutbox, django_capture_on_commit_callbacks
+):
+    from tests.tools.test_email_outbox import BACKEND, outbox_row
+    from tools import relay
+
+    settings.EMAIL_BACKEND = BACKEND
+    settings.AGENTSITE_OUTBOX_MAX_ATTEMPTS = 2
+    outbox_row("obs-bad", to="fail@example.com")
+    outbox_row("obs-good")
+    found = scraped(APIClient())
+    assert found[("agentsite_outbox_pending", (("kind", "email"),))] >= 2
+    before = {o: sample("agentsite_outbox_deliveries_total", kind="email", outcome=o) for o in
+              ("delivered", "retry", "failed")}  # fmt: skip
+
+    for _ in range(2):
+        with django_capture_on_commit_callbacks(execute=True):
+            relay.deliver_pending()
+
+    moved = {
+        o: sample("agentsite_outbox_deliveries_total", kind="email", outcome=o) - before[o]
+        for o in before
+    }
+    assert moved == {"delivered": 1, "retry": 1, "failed": 1}
+    assert ("agentsite_outbox_pending", (("kind", "email"),)) not in scraped(APIClient())
+
+
+def test_webhooks_that_ended_are_counted():
+    before = sample("agentsite_webhook_deliveries_total", outcome="failed")
+    metrics.observe("webhook.failed", None, {"attempts": 8, "error": "HTTP 500"})
+    assert sample("agentsite_webhook_deliveries_total", outcome="failed") == before + 1
+
+
 def test_metrics_need_the_token_when_one_is_set(settings):
     settings.AGENTSITE_METRICS_TOKEN = "s3cret-scrape"
     client = APIClient()

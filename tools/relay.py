@@ -36,6 +36,8 @@ from django.db.models import Count
 from django.utils import timezone
 from pydantic import ValidationError
 
+from agentsite import metrics
+
 from .email import SendEmailArgs
 from .models import OutboxMessage
 
@@ -103,6 +105,15 @@ def _log_unknown_kinds() -> None:
         )
 
 
+def _count(kind: str, outcome: str) -> None:
+    """Count a delivery once the row's new state is committed."""
+    transaction.on_commit(
+        lambda: metrics.OUTBOX_DELIVERIES.labels(
+            metrics.bounded("outbox_kind", kind), outcome
+        ).inc()
+    )
+
+
 def _deliver_one(
     connection: BaseEmailBackend, tried: set[int], max_attempts: int
 ) -> tuple[bool, bool]:
@@ -140,7 +151,10 @@ def _deliver_one(
                 row.last_error,
             )
             row.save(update_fields=["attempts", "last_error", "status"])
+            outcome = "failed" if row.status == OutboxMessage.Status.FAILED else "retry"
+            _count(row.kind, outcome)
             return True, False
+        _count(row.kind, "delivered")
         row.status = OutboxMessage.Status.DELIVERED
         row.delivered_at = timezone.now()
         row.last_error = ""
