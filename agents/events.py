@@ -24,6 +24,7 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
+from agentsite import metrics
 from agentsite.errors import error_body
 from agentsite.ratelimit import bucket_for, seconds_to_wait
 
@@ -70,6 +71,15 @@ def _format(event: Any) -> str:
 
 
 async def _stream(run_id: UUID, after: int | None) -> AsyncIterator[str]:
+    metrics.EVENT_STREAMS.inc()
+    try:
+        async for chunk in _events(run_id, after):
+            yield chunk
+    finally:  # ended, or the client went away (the generator is closed)
+        metrics.EVENT_STREAMS.dec()
+
+
+async def _events(run_id: UUID, after: int | None) -> AsyncIterator[str]:
     deadline = time.monotonic() + settings.AGENTSITE_EVENTS_MAX_SECONDS
     last_sent = time.monotonic()
     yield "retry: 1000\n\n"

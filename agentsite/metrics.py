@@ -35,6 +35,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -130,6 +131,11 @@ OUTBOX_DELIVERIES = Counter(
     "Side effects the outbox relay tried to deliver, by kind and outcome (delivered; retry: "
     "failed, tried again on a later pass; failed: given up).",
     ["kind", "outcome"],
+)
+EVENT_STREAMS = Gauge(
+    "agentsite_event_streams_open",
+    "Server-Sent Event streams of runs open now (their time is not in the request duration).",
+    multiprocess_mode="livesum",
 )
 HTTP_REQUESTS = Counter(
     "agentsite_http_requests",

@@ -302,6 +302,23 @@ def test_outbox_deliveries_are_counted_and_what_waits_is_measured(
     assert ("agentsite_outbox_pending", (("kind", "email"),)) not in scraped(APIClient())
 
 
+def test_open_event_streams_are_counted_until_the_client_goes():
+    import asyncio
+
+    from agents.events import _stream
+
+    async def open_then_leave() -> tuple[float, float]:
+        stream = _stream(uuid.uuid4(), None)
+        assert await stream.__anext__() == "retry: 1000\n\n"
+        during = sample("agentsite_event_streams_open")
+        await stream.aclose()  # what the server does when the client disconnects
+        return during, sample("agentsite_event_streams_open")
+
+    before = sample("agentsite_event_streams_open")
+    during, after = asyncio.run(open_then_leave())
+    assert (during, after) == (before + 1, before)
+
+
 def test_webhooks_that_ended_are_counted():
     before = sample("agentsite_webhook_deliveries_total", outcome="failed")
     metrics.observe("webhook.failed", None, {"attempts": 8, "error": "HTTP 500"})
