@@ -45,4 +45,4 @@ USER agentsite
 EXPOSE 8000
 
 # exec so gunicorn is PID 1 and gets SIGTERM directly for a graceful shutdown.
-CMD ["sh", "-c", "exec gunicorn agentsite.asgi:application --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:8000 --workers \"${WEB_CONCURRENCY:-2}\" --config gunicorn.conf.py --access-logfile -"]
+CMD ["sh", "-c", "exec gunicorn agentsite.asgi:application --worker-class uvicorn_worker.UvicornWorker --bind 0.0.0.0:8000 --workers \"${WEB_CONCURRENCY:-2}\" --config gunicorn.conf.py"]

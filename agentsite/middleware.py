@@ -3,6 +3,7 @@ metrics."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -59,6 +60,9 @@ class RequestSizeLimitMiddleware:
                 # DRF reads a body only when CONTENT_LENGTH says there is one.
                 request.META["CONTENT_LENGTH"] = str(len(body))
         return self.get_response(request)
+
+
+request_log = logging.getLogger("agentsite.request")
 
 
 def route_label(route: str) -> str:
@@ -121,8 +125,28 @@ class ObservabilityMiddleware:
         route = metrics.bounded("route", route_label(match.route) if match else "unmatched")
         method = metrics.method_label(request.method)
         status = response.status_code
+        seconds = time.perf_counter() - started
         metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
-        metrics.HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
+        metrics.HTTP_DURATION.labels(method, route).observe(seconds)
+        # The access log, within the request's span (so with its trace id); the path without
+        # its query string. Probes and scrapes only at DEBUG.
+        request_log.log(
+            logging.DEBUG if span is None else logging.INFO,
+            "%s %s %s %.0f ms",
+            request.method,
+            request.path,
+            status,
+            seconds * 1000,
+            extra={
+                "data": {
+                    "method": request.method,
+                    "path": request.path,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 1),
+                }
+            },
+        )
         if span is None:
             return
         trace_id, _ = tracing.current_ids()

@@ -439,6 +439,15 @@ def test_one_trace_from_the_request_to_every_step(
     web_lines = [line for line in observed_api.lines() if line.get("run_id") == str(run.pk)]
     assert web_lines, observed_api.log.read_text()[-2000:]
     assert all(line["trace_id"] == trace_id and line["service"] == "web" for line in web_lines)
+    # The request's own line (the access log), with its trace, pattern, status and time.
+    access = [
+        line
+        for line in observed_api.lines()
+        if line.get("logger") == "agentsite.request" and line.get("trace_id") == trace_id
+    ]
+    assert len(access) == 1, access
+    assert access[0]["route"] == "/api/v1/runs/" and access[0]["status"] == 202
+    assert access[0]["duration_ms"] > 0
 
 
 def test_every_gunicorn_worker_answers_for_all_of_them(django_db_setup, tmp_path):
