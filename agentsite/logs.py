@@ -112,7 +112,13 @@ class TextFormatter(logging.Formatter):
         return _redacted_traceback(super().formatException(ei))
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # logging keeps a record's formatted traceback for the next handler: one formatted by
+        # another handler (Django's own, in development) would be printed unredacted.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_text = cached
         fields = _fields(record)
         data = getattr(record, "data", None)
         if isinstance(data, dict):

@@ -44,6 +44,11 @@ from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # A metric without labels writes its file as it is defined (below): the directory must be
+    # there first, even on a fresh checkout (make up's prefork worker, a new container).
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 OTHER = "other"
 # Model calls take from tens of milliseconds (a cache, a small model) to minutes.
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300)
@@ -208,6 +213,9 @@ def known_routes(looking_for: str = "") -> frozenset[str]:
         return _routes["known"]  # type: ignore[no-any-return]
     from agents.models import Agent, AgentVersion, ModelPrice
 
+    # Single flight: greenlets that miss meanwhile, and misses after a failed read, use what
+    # is known until the next interval instead of querying too.
+    _routes["at"] = now
     found: set[str] = set()
     try:
         for model_, routine, fallbacks in (

@@ -501,6 +501,14 @@ AGENTSITE_REDACT_PATTERNS = _redaction.parse_patterns(
 # a worker on AGENTSITE_WORKER_METRICS_PORT (unset: none). Traces: OTLP when
 # OTEL_EXPORTER_OTLP_ENDPOINT is set (agentsite/tracing.py).
 AGENTSITE_METRICS_TOKEN = os.environ.get("AGENTSITE_METRICS_TOKEN", "")
+if (
+    not AGENTSITE_METRICS_TOKEN.isascii()
+    or AGENTSITE_METRICS_TOKEN.strip() != AGENTSITE_METRICS_TOKEN
+):
+    # An HTTP header carries it: other characters, or spaces at its ends, could never match.
+    raise ImproperlyConfigured(
+        "AGENTSITE_METRICS_TOKEN must be ASCII without leading or trailing spaces"
+    )
 # Without a token, /metrics answers only with DEBUG on, or with this set (a private port).
 AGENTSITE_METRICS_PUBLIC = env_bool("AGENTSITE_METRICS_PUBLIC", False)
 AGENTSITE_METRICS_MAX_LABEL_VALUES = env_int("AGENTSITE_METRICS_MAX_LABEL_VALUES", 200)
@@ -553,13 +561,13 @@ LOGGING = {
         # the level their command line gave.
         **{
             name: {"handlers": ["console"], "propagate": False}
-            for name in (
-                "uvicorn",
-                "uvicorn.error",
-                "uvicorn.access",
-                "gunicorn.error",
-                "gunicorn.access",
-            )
+            for name in ("uvicorn", "uvicorn.error", "gunicorn.error")
+        },
+        # Their access logs are off: the app writes a line per request, with its trace id
+        # (agentsite.request). uvicorn writes access lines while its logger has a handler.
+        **{
+            name: {"handlers": [], "propagate": False}
+            for name in ("uvicorn.access", "gunicorn.access")
         },
     },
 }

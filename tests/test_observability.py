@@ -440,6 +440,49 @@ def test_text_lines_show_the_context_for_people():
     assert line.endswith("step done [run_id=r-9 step=0]")
 
 
+def test_a_traceback_another_handler_formatted_first_is_redacted_all_the_same():
+    try:
+        raise ValueError("boom for ann@example.com")
+    except ValueError:
+        record = logging.LogRecord(
+            "django.request", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    logging.Formatter().format(record)  # Django's own console handler, in development
+    assert "ann@example.com" in (record.exc_text or "")
+    for formatter in (logs.TextFormatter(), logs.JsonFormatter()):
+        line = formatter.format(record)
+        assert "ann@example.com" not in line and "[email]" in line
+
+
+def test_a_metrics_token_that_no_header_could_carry_is_refused():
+    clean = {k: v for k, v in os.environ.items() if k != "AGENTSITE_METRICS_TOKEN"}
+    for token in ("tökén", " padded "):
+        result = subprocess.run(
+            [sys.executable, "-c", "import agentsite.settings"],
+            env={**clean, "DEBUG": "1", "AGENTSITE_METRICS_TOKEN": token},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode != 0 and "AGENTSITE_METRICS_TOKEN must be ASCII" in result.stderr
+
+
+def test_a_multiprocess_dir_that_does_not_exist_yet_is_made(tmp_path):
+    missing = tmp_path / "not" / "yet"
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(missing),
+        "DJANGO_SETTINGS_MODULE": "agentsite.settings",
+        "DEBUG": "1",
+    }
+    script = "import django; django.setup(); import agentsite.metrics"
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert missing.is_dir()
+
+
 def test_an_unknown_log_format_is_refused():
     clean = {k: v for k, v in os.environ.items() if k != "AGENTSITE_LOG_FORMAT"}
     result = subprocess.run(

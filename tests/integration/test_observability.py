@@ -446,6 +446,8 @@ def test_one_trace_from_the_request_to_every_step(
         if line.get("logger") == "agentsite.request" and line.get("trace_id") == trace_id
     ]
     assert len(access) == 1, access
+    # uvicorn's own access log (no trace id) is off: one line per request, not two.
+    assert not [line for line in observed_api.lines() if line.get("logger") == "uvicorn.access"]
     assert access[0]["route"] == "/api/v1/runs/" and access[0]["status"] == 202
     assert access[0]["duration_ms"] > 0
 
