@@ -196,25 +196,27 @@ def tool_label(name: Any) -> str:
     return bounded("tool", text) if text in registry else OTHER
 
 
-_routes: dict[str, Any] = {"at": -1e9, "known": frozenset()}
+_routes: dict[str, Any] = {"at": -1e9, "known": frozenset(), "window": -1e9, "reloads": 0}
 _ROUTES_TTL = 30.0
-_ROUTES_MISS_TTL = 1.0  # a route not known yet is looked for again, at most this often
+# A route not known is looked for once (an operator may have just configured it), then taken
+# as unknown for the interval; at most this many such reads per interval and process, so a
+# stream of made-up routes costs a bounded number of queries.
+_MISS_RELOADS = 100
+_unknown: dict[str, float] = {}
 
 
-def known_routes(looking_for: str = "") -> frozenset[str]:
+def known_routes(*, force: bool = False) -> frozenset[str]:
     """The routes operators configured (every version's route, routine route and fallbacks,
-    and the priced routes), read at most every 30 s per process."""
+    and the priced routes), read every 30 s per process (or now, with ``force``)."""
     import time
 
     now = time.monotonic()
-    age = now - _routes["at"]
-    known = not looking_for or looking_for in _routes["known"]
-    if age < _ROUTES_TTL and (known or age < _ROUTES_MISS_TTL):
+    if not force and now - _routes["at"] < _ROUTES_TTL:
         return _routes["known"]  # type: ignore[no-any-return]
     from agents.models import Agent, AgentVersion, ModelPrice
 
-    # Single flight: greenlets that miss meanwhile, and misses after a failed read, use what
-    # is known until the next interval instead of querying too.
+    # Greenlets that find it stale meanwhile, and reads after a failed one, use what is known
+    # until the next interval instead of querying too.
     _routes["at"] = now
     found: set[str] = set()
     try:
@@ -229,17 +231,33 @@ def known_routes(looking_for: str = "") -> frozenset[str]:
         found.update(ModelPrice.objects.values_list("route", flat=True))
     except Exception:  # keep what was known; a metric must not fail the caller
         return _routes["known"]  # type: ignore[no-any-return]
-    _routes.update(at=now, known=frozenset(found))
+    _routes["known"] = frozenset(found)
     return _routes["known"]  # type: ignore[no-any-return]
 
 
 def model_label(route: Any) -> str:
     """A configured route, or ``other``: a client may override a run's route with one of its
     own, and each would otherwise be a series."""
+    import time
+
     text = str(route or "")
     if not text:
         return ""
-    return bounded("model", text) if text in known_routes(text) else OTHER
+    if text in known_routes():
+        return bounded("model", text)
+    now = time.monotonic()
+    if now - _unknown.get(text, -1e9) < _ROUTES_TTL:
+        return OTHER
+    if now - _routes["window"] >= _ROUTES_TTL:
+        _routes.update(window=now, reloads=0)
+    if _routes["reloads"] < _MISS_RELOADS:
+        _routes["reloads"] += 1
+        if text in known_routes(force=True):
+            return bounded("model", text)
+    if len(_unknown) >= 10_000:
+        _unknown.clear()
+    _unknown[text] = now
+    return OTHER
 
 
 _agent_slugs: dict[int, str] = {}

@@ -164,6 +164,7 @@ def known_routes(db: None) -> Any:
                 route=route, defaults={"input_per_million": 1, "output_per_million": 1}
             )
         metrics._routes["at"] = -1e9  # forget what this process read before
+        metrics._unknown.clear()
 
     return configure
 
@@ -172,6 +173,12 @@ def test_names_from_outside_do_not_make_series_of_their_own(known_routes):
     """A client's route, a tool the model made up, a method nobody uses: all ``other``."""
     known_routes("p:configured")
     assert metrics.model_label("p:configured") == "p:configured"
+    assert metrics.model_label("evil:junk-1") == "other"
+    # A route configured a moment ago is known at its first event (looked for once)...
+    ModelPrice.objects.create(route="p:new", input_per_million=1, output_per_million=1)
+    assert metrics.model_label("p:new") == "p:new"
+    # ...and one looked for in vain is not looked for again in the interval.
+    ModelPrice.objects.create(route="evil:junk-1", input_per_million=1, output_per_million=1)
     assert metrics.model_label("evil:junk-1") == "other"
     assert metrics.tool_label("dawdle") == "dawdle"
     assert metrics.tool_label("made_up_tool_0") == "other"
