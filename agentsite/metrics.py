@@ -469,66 +469,47 @@ def _run_gauges() -> Iterable[Metric]:
     yield gauge
 
 
-def _approval_gauges() -> Iterable[Metric]:
+def _waiting(
+    pending: Any, by: str, label: str, name: str, what: str
+) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """``agentsite_<name>_pending`` and ``..._oldest_pending_age_seconds`` of the rows of
+    ``pending`` (a queryset with ``created_at``), grouped by the field ``by``: one query."""
     from django.db.models import Count, Min
     from django.utils import timezone
 
-    from approvals.models import Approval
-
     rows = (
-        Approval.objects.filter(status=Approval.Status.PENDING)
-        .values_list("run__agent__slug")
+        pending.values_list(by)
         .annotate(n=Count("id"), oldest=Min("created_at"))
-        .values_list("run__agent__slug", "n", "oldest")
+        .values_list(by, "n", "oldest")
     )
-    pending = GaugeMetricFamily(
-        "agentsite_approvals_pending",
-        "Approvals waiting for a reviewer, by agent.",
-        labels=["agent"],
+    count = GaugeMetricFamily(
+        f"agentsite_{name}_pending", f"{what} waiting, by {label}.", labels=[label]
     )
     age = GaugeMetricFamily(
-        "agentsite_approvals_oldest_pending_age_seconds",
-        "Age of the oldest approval waiting for a reviewer, by agent.",
-        labels=["agent"],
+        f"agentsite_{name}_oldest_pending_age_seconds",
+        f"Age of the oldest of the {what.lower()} waiting, by {label}.",
+        labels=[label],
     )
     now = timezone.now()
-    for slug, n, oldest in rows:
-        label = bounded("agent", slug)
-        pending.add_metric([label], n)
-        age.add_metric([label], max(0.0, (now - oldest).total_seconds()))
-    yield pending
-    yield age
+    for key, n, oldest in rows:
+        value = bounded(f"{name}_{label}", key)
+        count.add_metric([value], n)
+        age.add_metric([value], max(0.0, (now - oldest).total_seconds()))
+    return count, age
+
+
+def _approval_gauges() -> Iterable[Metric]:
+    from approvals.models import Approval
+
+    pending = Approval.objects.filter(status=Approval.Status.PENDING)
+    yield from _waiting(pending, "run__agent__slug", "agent", "approvals", "Approvals (reviews)")
 
 
 def _outbox_gauges() -> Iterable[Metric]:
-    from django.db.models import Count, Min
-    from django.utils import timezone
-
     from tools.models import OutboxMessage
 
-    rows = (
-        OutboxMessage.objects.filter(status=OutboxMessage.Status.PENDING)
-        .values_list("kind")
-        .annotate(n=Count("id"), oldest=Min("created_at"))
-        .values_list("kind", "n", "oldest")
-    )
-    pending = GaugeMetricFamily(
-        "agentsite_outbox_pending",
-        "Side effects recorded by tools and not yet delivered, by kind.",
-        labels=["kind"],
-    )
-    age = GaugeMetricFamily(
-        "agentsite_outbox_oldest_pending_age_seconds",
-        "Age of the oldest side effect not yet delivered, by kind.",
-        labels=["kind"],
-    )
-    now = timezone.now()
-    for kind, n, oldest in rows:
-        label = bounded("outbox_kind", kind)
-        pending.add_metric([label], n)
-        age.add_metric([label], max(0.0, (now - oldest).total_seconds()))
-    yield pending
-    yield age
+    pending = OutboxMessage.objects.filter(status=OutboxMessage.Status.PENDING)
+    yield from _waiting(pending, "kind", "kind", "outbox", "Side effects (not yet delivered)")
 
 
 def celery_queues() -> list[str]:

@@ -285,26 +285,20 @@ class ApiServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def api_server(
-    django_db_setup: None,
-    django_db_blocker: Any,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ApiServer]:
-    """The ASGI app under uvicorn (one process) on the test database and Redis, over HTTP."""
-    if not _uses_real_services():
-        pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
+def start_api_server(log: Path, *, log_level: str = "warning", **env: str) -> ApiServer:
+    """The ASGI app under uvicorn (one process) on the test database and Redis, answering
+    /healthz; ``env`` adds to (or overrides) its environment. Stop it with ``stop_process``."""
     import httpx
 
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("api") / "uvicorn.log"
-    env = {
+    environment = {
         **os.environ,
         "DATABASE_URL": _test_database_url(),
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "AGENTSITE_EVENTS_POLL_SECONDS": "0.1",
         **WEBHOOK_ENV,
+        **env,
     }
 
     def answers() -> bool:
@@ -329,10 +323,10 @@ def api_server(
                 "--workers",
                 "1",
                 "--log-level",
-                "warning",
-            ],
+                log_level,
+            ],  # fmt: skip
             cwd=ROOT,
-            env=env,
+            env=environment,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -340,8 +334,25 @@ def api_server(
     server = ApiServer(process, base_url, log)
     try:
         poll(answers, timeout=60, interval=0.1, what="the API server to answer /healthz")
-        if process.poll() is not None:
-            pytest.fail(f"the API server exited at start:\n{server.log_tail()}")
+    except BaseException:
+        stop_process(process, grace=15)
+        raise
+    if process.poll() is not None:
+        pytest.fail(f"the API server exited at start:\n{server.log_tail()}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    django_db_setup: None,
+    django_db_blocker: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ApiServer]:
+    """The ASGI app under uvicorn (one process) on the test database and Redis, over HTTP."""
+    if not _uses_real_services():
+        pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
+    server = start_api_server(tmp_path_factory.mktemp("api") / "uvicorn.log")
+    try:
         yield server
     finally:
-        stop_process(process, grace=15)
+        stop_process(server.process, grace=15)

@@ -30,11 +30,12 @@ from approvals.models import Approval
 from approvals.services import decide
 from tests.conftest import (
     ROOT,
-    WEBHOOK_ENV,
+    ApiServer,
     WorkerProcess,
     _free_port,
     _test_database_url,
     poll,
+    start_api_server,
     stop_process,
 )
 from tests.otlp_collector import OtlpCollector
@@ -138,59 +139,25 @@ def _answers(url: str) -> bool:
         return False
 
 
-class Web:
-    def __init__(self, process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
-        self.process, self.base_url, self.log = process, base_url, log
-
-    def lines(self) -> list[dict[str, Any]]:
-        return _json_lines(self.log)
-
-
 @pytest.fixture(scope="module")
 def observed_api(
     django_db_setup: None, collector: OtlpCollector, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Web]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("observed-api") / "uvicorn.log"
-    env = {
-        **os.environ,
-        **WEBHOOK_ENV,
+) -> Iterator[ApiServer]:
+    """The API exporting spans and writing JSON logs at INFO, with a metrics token."""
+    server = start_api_server(
+        tmp_path_factory.mktemp("observed-api") / "uvicorn.log",
+        log_level="info",
+        AGENTSITE_METRICS_TOKEN="scrape-token",
         **_otel_env(collector),
-        "DATABASE_URL": _test_database_url(),
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "AGENTSITE_METRICS_TOKEN": "scrape-token",
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "agentsite.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "info",
-            ],  # fmt: skip
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    web = Web(process, f"http://127.0.0.1:{port}", log)
+    )
     try:
-        poll(
-            lambda: process.poll() is not None or _answers(f"{web.base_url}/healthz"),
-            timeout=60,
-            what="the API server",
-        )
-        assert process.poll() is None, log.read_text()
-        yield web
+        yield server
     finally:
-        stop_process(process, grace=15)
+        stop_process(server.process, grace=15)
+
+
+def web_lines(server: ApiServer) -> list[dict[str, Any]]:
+    return _json_lines(server.log)
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
@@ -201,7 +168,7 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return found
 
 
-def client(web: Web) -> httpx.Client:
+def client(web: ApiServer) -> httpx.Client:
     user = User.objects.create_user(username=f"obs-{uuid.uuid4().hex[:8]}")
     _, plain = create_api_key(user=user, name="observability tests")
     return httpx.Client(
@@ -436,18 +403,18 @@ def test_one_trace_from_the_request_to_every_step(
     lines = poll(worker_lines, timeout=10, what="the worker's log lines about the run's steps")
     assert all(line["trace_id"] == trace_id for line in lines), lines
     assert all(line["service"] == "worker" and line["agent"] == slug for line in lines)
-    web_lines = [line for line in observed_api.lines() if line.get("run_id") == str(run.pk)]
-    assert web_lines, observed_api.log.read_text()[-2000:]
-    assert all(line["trace_id"] == trace_id and line["service"] == "web" for line in web_lines)
+    about_run = [line for line in web_lines(observed_api) if line.get("run_id") == str(run.pk)]
+    assert about_run, observed_api.log.read_text()[-2000:]
+    assert all(line["trace_id"] == trace_id and line["service"] == "web" for line in about_run)
     # The request's own line (the access log), with its trace, pattern, status and time.
     access = [
         line
-        for line in observed_api.lines()
+        for line in web_lines(observed_api)
         if line.get("logger") == "agentsite.request" and line.get("trace_id") == trace_id
     ]
     assert len(access) == 1, access
     # uvicorn's own access log (no trace id) is off: one line per request, not two.
-    assert not [line for line in observed_api.lines() if line.get("logger") == "uvicorn.access"]
+    assert not [line for line in web_lines(observed_api) if line.get("logger") == "uvicorn.access"]
     assert access[0]["route"] == "/api/v1/runs/" and access[0]["status"] == 202
     assert access[0]["duration_ms"] > 0
 
