@@ -490,6 +490,22 @@ def test_a_multiprocess_dir_that_does_not_exist_yet_is_made(tmp_path):
     assert missing.is_dir()
 
 
+@pytest.mark.parametrize(
+    ("port", "message"),
+    [("99999", "is not a port (0 to 65535)"), ("metrics", "is not an integer")],
+)
+def test_a_worker_metrics_port_that_is_not_one_is_refused(port, message):
+    result = subprocess.run(
+        [sys.executable, "-c", "import agentsite.settings"],
+        env={**os.environ, "DEBUG": "1", "AGENTSITE_WORKER_METRICS_PORT": port},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"AGENTSITE_WORKER_METRICS_PORT={port!r} {message}" in result.stderr
+
+
 def test_an_unknown_log_format_is_refused():
     clean = {k: v for k, v in os.environ.items() if k != "AGENTSITE_LOG_FORMAT"}
     result = subprocess.run(
