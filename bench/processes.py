@@ -333,6 +333,10 @@ def start_api(opts: Options, *, env: dict[str, str], logs: Path) -> ApiServer:
         "warning",
         "--graceful-timeout",
         "5",
+        # As deployed: metrics in multiprocess mode (gunicorn reads this file from its working
+        # directory by default; named here so that it does not depend on it).
+        "--config",
+        "gunicorn.conf.py",
     ]
     server = ApiServer(spawn("gunicorn", argv, env=env, logs=logs), "127.0.0.1", port)
 

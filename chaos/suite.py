@@ -287,6 +287,7 @@ class Suite:
             sys.executable, "-m", "gunicorn", "agentsite.asgi:application",
             "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "2",
             "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--graceful-timeout", "5",
+            "--config", "gunicorn.conf.py",  # as deployed (multiprocess metrics)
         ]  # fmt: skip
         process = spawn("gunicorn", argv, env=self.env, logs=self.logs)
         self.api_url = f"http://127.0.0.1:{port}"
