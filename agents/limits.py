@@ -65,12 +65,13 @@ from typing import Any
 import redis
 from django.conf import settings
 
+from agentsite import rediskeys
+
 logger = logging.getLogger(__name__)
 
 #: Buckets per window: the more, the less longer than the window units count (one bucket at
 #: most, see the module docstring), and the more fields a quota's hash holds.
 BUCKETS = 60
-_NAMESPACE = "agentsite:quota:"
 _WARN_EVERY = 30.0
 
 # KEYS: one hash per quota. ARGV: bucket width (µs), span K (buckets summed besides the current
@@ -212,7 +213,7 @@ def acquire(quotas: Sequence[Quota], *, window: float) -> float | None:
     else:
         try:
             wait_us = _scripts(url).acquire(
-                keys=[_NAMESPACE + key for key in keys],
+                keys=[_redis_key(key) for key in keys],
                 args=[width, span, _ttl_ms(window), *(n for pair in costs for n in pair)],
             )
         except redis.RedisError as exc:
@@ -236,7 +237,7 @@ def settle(key: str, delta: int, *, window: float) -> None:
         _local.settle(key, delta, width, span)
         return
     try:
-        _scripts(url).settle(keys=[_NAMESPACE + key], args=[delta, width, span, _ttl_ms(window)])
+        _scripts(url).settle(keys=[_redis_key(key)], args=[delta, width, span, _ttl_ms(window)])
     except redis.RedisError as exc:
         _warn("settle", exc)
 
@@ -252,9 +253,13 @@ def pause(key: str, seconds: float) -> None:
         _local.pause(key, pause_us)
         return
     try:
-        _scripts(url).pause(keys=[_NAMESPACE + key], args=[pause_us])
+        _scripts(url).pause(keys=[_redis_key(key)], args=[pause_us])
     except redis.RedisError as exc:
         _warn("pause", exc)
+
+
+def _redis_key(key: str) -> str:
+    return rediskeys.key(f"quota:{key}")
 
 
 def _geometry(window: float) -> tuple[int, int]:

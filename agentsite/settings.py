@@ -14,11 +14,19 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import dj_database_url
+import kombu as _kombu
 from django.core.exceptions import ImproperlyConfigured
 
+from agentsite import envfile as _envfile
+from agentsite import outbound as _outbound
 from agentsite import redaction as _redaction
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# A development checkout's .env (written by `make demo`; AGENTSITE_ENV_FILE names another, or
+# none when empty) fills in what the environment does not set. Which names it gave is logged
+# when the process starts (agents.apps), so a .env carried into production is seen.
+AGENTSITE_ENV_FILE = _envfile.path()
+AGENTSITE_SETTINGS_FROM_ENV_FILE = _envfile.apply(AGENTSITE_ENV_FILE)
 DATA_DIR = Path(os.environ.get("AGENTSITE_DATA_DIR", BASE_DIR / ".data"))
 
 
@@ -64,9 +72,10 @@ SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
-            "SECRET_KEY must be set when DEBUG is off (set DEBUG=1 for local development)"
+            "SECRET_KEY must be set when DEBUG is off: set it in the environment, or run "
+            "`make demo` once to write a development .env (DEBUG=1 and a generated key)"
         )
-    SECRET_KEY = "insecure-development-key-do-not-use-in-production"  # noqa: S105
+    SECRET_KEY = _envfile.LEGACY_DEVELOPMENT_KEY
 
 # The HMAC key of the audit trail's hash chain (audittrail.chain). It must not change once events
 # are sealed: every seal made with the old key would then fail verify_audit. The default is
@@ -119,7 +128,8 @@ ASGI_APPLICATION = "agentsite.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # The project's own pages (the landing page at /); the apps' templates are in the apps.
+        "DIRS": [BASE_DIR / "agentsite" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -204,7 +214,7 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["agentsite.ratelimit.ApiKeyRateThrottle"],
     "DEFAULT_PAGINATION_CLASS": "agentsite.pagination.ClampedLimitOffsetPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["agentsite.jsonparse.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
@@ -233,6 +243,17 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "") or "filesystem://loc
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if not REDIS_URL and CELERY_BROKER_URL.startswith("redis"):
     REDIS_URL = CELERY_BROKER_URL
+# Every key in Redis starts with this: Agentsite's own (agentsite/rediskeys.py) and the broker's
+# (kombu's global_keyprefix), so deployments or test suites can share one Redis database.
+# Empty by default: the keys keep the names they always had.
+AGENTSITE_REDIS_KEY_PREFIX = os.environ.get("AGENTSITE_REDIS_KEY_PREFIX", "")
+if AGENTSITE_REDIS_KEY_PREFIX and not re.fullmatch(
+    r"[A-Za-z0-9_.:-]{1,64}", AGENTSITE_REDIS_KEY_PREFIX
+):
+    raise ImproperlyConfigured(
+        f"AGENTSITE_REDIS_KEY_PREFIX={AGENTSITE_REDIS_KEY_PREFIX!r}: use 1 to 64 letters, digits "
+        "and . _ : -"
+    )
 
 # Hard limits bound how long a step may hold a worker slot; the broker's visibility timeout must
 # exceed every hard limit and every retry countdown, or Redis redelivers a task still running.
@@ -276,6 +297,8 @@ else:
         # connections", and a lost ack is a task Redis redelivers a visibility timeout later.
         "max_connections": env_int("AGENTSITE_BROKER_MAX_CONNECTIONS", 1000),
     }
+    if AGENTSITE_REDIS_KEY_PREFIX:
+        CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = AGENTSITE_REDIS_KEY_PREFIX
 # Producers kept for publishing (Celery's default is 10, shared by every greenlet).
 CELERY_BROKER_POOL_LIMIT = env_int("AGENTSITE_BROKER_POOL_LIMIT", 100)
 
@@ -311,6 +334,28 @@ CELERY_TASK_ROUTES = {
     "approvals.expire_overdue": {"queue": "maintenance"},
     "audittrail.seal_audit": {"queue": "maintenance"},
 }
+# Every queue a task is routed to is declared, so `celery -A agentsite worker` without -Q
+# consumes them all (Celery's default is the default queue alone); -Q still dedicates a worker.
+# Each as Celery would create it on demand (an exchange of its name, its name as the routing
+# key), so a deployment's existing queues and bindings keep working.
+CELERY_TASK_QUEUES = [
+    _kombu.Queue(name, _kombu.Exchange(name), routing_key=name)
+    for name in sorted(
+        {CELERY_TASK_DEFAULT_QUEUE, *(route["queue"] for route in CELERY_TASK_ROUTES.values())}
+    )
+]
+# Each worker refreshes a heartbeat naming the queues it consumes (agentsite/heartbeats.py);
+# one not refreshed for this many seconds is gone. A run queued longer than
+# AGENTSITE_QUEUE_NO_CONSUMER_AFTER seconds on a queue no live worker consumes is flagged (the
+# admin, manage.py stats, run_agent --wait; /readyz and the agentsite_queue_consumers gauge
+# show the queues without a consumer).
+AGENTSITE_WORKER_HEARTBEAT_TTL = env_float("AGENTSITE_WORKER_HEARTBEAT_TTL", 20.0)
+AGENTSITE_QUEUE_NO_CONSUMER_AFTER = env_float("AGENTSITE_QUEUE_NO_CONSUMER_AFTER", 30.0)
+if AGENTSITE_WORKER_HEARTBEAT_TTL < 2:
+    raise ImproperlyConfigured(
+        "AGENTSITE_WORKER_HEARTBEAT_TTL must be at least 2 seconds (workers refresh it four "
+        "times per TTL, at most every 5 s)"
+    )
 # Task events cost three extra broker messages per task; Flower switches them on at run time
 # (it broadcasts enable_events), so they flow while someone watches. AGENTSITE_TASK_EVENTS=1
 # turns them on from the start (e.g. for a monitoring tool that does not enable them).
@@ -383,6 +428,15 @@ AGENTSITE_BREAKER_COOLDOWN = env_int("AGENTSITE_BREAKER_COOLDOWN", 30)
 # http_get: the most bytes of a response body it reads, and redirects it follows (same host).
 AGENTSITE_HTTP_GET_MAX_BYTES = env_int("AGENTSITE_HTTP_GET_MAX_BYTES", 1_000_000)
 AGENTSITE_HTTP_GET_MAX_REDIRECTS = env_int("AGENTSITE_HTTP_GET_MAX_REDIRECTS", 3)
+# http_get and webhooks contact public addresses only (every address the name resolves to is
+# checked, and the connection goes to the checked one), except in these networks
+# (comma-separated CIDRs, e.g. 10.20.0.0/16,fd00:1::/64). The test suite allows 127.0.0.0/8.
+AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = env_list("AGENTSITE_OUTBOUND_ALLOWED_NETWORKS")
+for _entry in AGENTSITE_OUTBOUND_ALLOWED_NETWORKS:
+    try:
+        _outbound.parse_network(_entry)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"AGENTSITE_OUTBOUND_ALLOWED_NETWORKS: {_exc}") from None
 # The outbox relay gives up on a side effect after this many failed deliveries.
 AGENTSITE_OUTBOX_MAX_ATTEMPTS = env_int("AGENTSITE_OUTBOX_MAX_ATTEMPTS", 5)
 
@@ -464,12 +518,63 @@ AGENTSITE_MAX_MODEL_OUTPUT_CHARS = env_int("AGENTSITE_MAX_MODEL_OUTPUT_CHARS", 2
 # Bodies larger than this are refused with 413 before anything parses them.
 AGENTSITE_MAX_REQUEST_BYTES = env_int("AGENTSITE_MAX_REQUEST_BYTES", 512 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = AGENTSITE_MAX_REQUEST_BYTES
+# Arrays and objects nested in one JSON value (a body's field, an admin JSON field, a value a
+# service stores): deeper is a 400 naming the field (agentsite/jsonparse.py), checked before
+# Python's json recurses (RecursionError near 1000) or anything renders the value.
+AGENTSITE_MAX_JSON_DEPTH = env_int("AGENTSITE_MAX_JSON_DEPTH", 64)
+if not 1 <= AGENTSITE_MAX_JSON_DEPTH <= 200:
+    raise ImproperlyConfigured(
+        f"AGENTSITE_MAX_JSON_DEPTH={AGENTSITE_MAX_JSON_DEPTH}: use 1 to 200 (deeper values "
+        "overflow Python's recursion limit where they are rendered)"
+    )
 AGENTSITE_API_MAX_PAGE_SIZE = env_int("AGENTSITE_API_MAX_PAGE_SIZE", 100)
 # Requests per key per window ("<n>/<second|minute|hour>"; empty disables), counted in Redis.
 AGENTSITE_API_RATE_LIMIT = os.environ.get("AGENTSITE_API_RATE_LIMIT", "1200/minute")
 # Runs not yet finished per API key (0 disables).
 AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY = env_int("AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY", 200)
+# Event streams (SSE) open at once per API key (per user for an admin session), counted across
+# web processes in Redis (per process without it); past it, 429. 0 disables. Each holds a
+# database poll every AGENTSITE_EVENTS_POLL_SECONDS.
+AGENTSITE_MAX_STREAMS_PER_KEY = env_int("AGENTSITE_MAX_STREAMS_PER_KEY", 20)
+# Failed authentications (API key, metrics token, admin password) per client address and window;
+# past it, 429 before any credentials are checked. Empty disables; counted in Redis.
+AGENTSITE_AUTH_FAILURE_RATE_LIMIT = os.environ.get(
+    "AGENTSITE_AUTH_FAILURE_RATE_LIMIT", "20/minute"
+).strip()
+if AGENTSITE_AUTH_FAILURE_RATE_LIMIT and not re.fullmatch(
+    r"\d+/(second|minute|hour|day)s?", AGENTSITE_AUTH_FAILURE_RATE_LIMIT
+):
+    raise ImproperlyConfigured(
+        f"AGENTSITE_AUTH_FAILURE_RATE_LIMIT={AGENTSITE_AUTH_FAILURE_RATE_LIMIT!r}: use "
+        "'<n>/<second|minute|hour|day>', or empty for no limit"
+    )
+
+
+def _env_networks(name: str) -> list[str]:
+    import ipaddress
+
+    networks = []
+    for entry in env_list(name):
+        try:
+            networks.append(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name}: {entry!r} is not an IP address or network (CIDR)"
+            ) from None
+    return networks
+
+
+# Reverse proxies (addresses or CIDRs) whose X-Forwarded-For is believed: when the peer is one,
+# the client is the right-most forwarded address that is not a trusted proxy. Empty: the peer.
+AGENTSITE_TRUSTED_PROXIES = _env_networks("AGENTSITE_TRUSTED_PROXIES")
+# Hosts webhooks may be sent to: name, name:port, name:* (any port), .domain (and subdomains),
+# [v6 address]:port; without a port, only the scheme's default (80 for http, 443 for https).
 AGENTSITE_WEBHOOK_ALLOWED_HOSTS = env_list("AGENTSITE_WEBHOOK_ALLOWED_HOSTS")
+for _entry in AGENTSITE_WEBHOOK_ALLOWED_HOSTS:
+    try:
+        _outbound.parse_host_pattern(_entry, wildcard=".")
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"AGENTSITE_WEBHOOK_ALLOWED_HOSTS: {_entry!r}: {_exc}") from None
 AGENTSITE_WEBHOOK_SECRET = os.environ.get("AGENTSITE_WEBHOOK_SECRET", "")
 if not AGENTSITE_WEBHOOK_SECRET:
     import hashlib as _hashlib

@@ -22,7 +22,10 @@ from .polling import BenchError
 # Not a secret: the bench's processes run DEBUG=0 (as in production), which needs one.
 BENCH_SECRET_KEY = "bench-only-secret-key-0c9d1e8f5a7b43e6a1f2d3c4b5a69788"
 FAKE_API_KEY = "sk-bench-fake-key"
-RESERVED_REDIS_DBS = {0, 15}
+# Every key the bench and the processes it starts write in Redis starts with this
+# (AGENTSITE_REDIS_KEY_PREFIX: the broker's queues too), and the bench deletes only those: it can
+# share a Redis database with make test or anything else.
+KEY_PREFIX = "agentsite-bench:"
 
 
 def database_name(url: str) -> str:
@@ -46,13 +49,22 @@ def redis_db(url: str) -> int:
     if parts.scheme != "redis":
         raise BenchError(f"--broker-url must be a redis:// URL, not {url!r}")
     # As redis-py reads it: a ?db= in the query wins over the path.
-    db = int(parse_url(url).get("db") or 0)
-    if db in RESERVED_REDIS_DBS:
-        raise BenchError(
-            f"refusing to flush Redis DB {db} (0 is everyone's default, 15 is make test's); "
-            "give the bench its own, e.g. redis://127.0.0.1:6379/13"
-        )
-    return db
+    return int(parse_url(url).get("db") or 0)
+
+
+def _delete_keys(url: str, *, keep: bytes = b"") -> None:
+    """Delete the bench's keys (under KEY_PREFIX), but those starting with ``keep``."""
+    import redis
+
+    redis_db(url)
+    client = redis.Redis.from_url(url)
+    doomed = [
+        key
+        for key in client.scan_iter(match=KEY_PREFIX + "*", count=1000)
+        if not (keep and key.startswith(keep))
+    ]
+    for start in range(0, len(doomed), 500):
+        client.delete(*doomed[start : start + 500])
 
 
 def _maintenance_dsn(url: str) -> str:
@@ -74,23 +86,15 @@ def recreate_database(url: str) -> None:
 
 
 def flush_redis(url: str) -> None:
-    import redis
-
-    redis_db(url)
-    redis.Redis.from_url(url).flushdb()
+    """Forget everything the bench kept in Redis (its keys only)."""
+    _delete_keys(url)
 
 
 def purge_queues(url: str) -> None:
     """Drop queued and unacknowledged messages but keep kombu's bindings (``_kombu.binding.*``):
     running workers' producers remember having declared their queues, so after a FLUSHDB their
     messages would vanish."""
-    import redis
-
-    redis_db(url)
-    client = redis.Redis.from_url(url)
-    doomed = [key for key in client.scan_iter() if not key.startswith(b"_kombu.binding.")]
-    for start in range(0, len(doomed), 500):
-        client.delete(*doomed[start : start + 500])
+    _delete_keys(url, keep=f"{KEY_PREFIX}_kombu.binding.".encode())
 
 
 def app_environment(
@@ -109,6 +113,7 @@ def app_environment(
         ALLOWED_HOSTS="127.0.0.1,localhost",
         LOG_LEVEL="WARNING",
         AGENTSITE_DATA_DIR=str(scratch),
+        AGENTSITE_REDIS_KEY_PREFIX=KEY_PREFIX,
         STATIC_ROOT=str(scratch / "static"),
         AGENTSITE_PROVIDER_FAKE_API_KEY=FAKE_API_KEY,
         # Beat's schedule (idle scenario): every periodic task every 2 s.

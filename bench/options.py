@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile the workers during the engine scenario's runs; the profile goes to "
         "bench/results/ (pyinstrument needs --pool gevent or solo; py-spy works with any pool)",
     )
-    where = parser.add_argument_group("services (the bench owns them: dropped and flushed)")
+    where = parser.add_argument_group(
+        "services (the bench drops its database, and deletes its keys in Redis)"
+    )
     where.add_argument(
         "--database-url",
         default="postgres://postgres@127.0.0.1:5432/agentsite_bench",
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--broker-url",
         default="redis://127.0.0.1:6379/13",
-        help="Redis DB for the broker and the probe, flushed",
+        help="Redis DB for the broker and the probe; the bench's keys are under "
+        "agentsite-bench: and only those are deleted",
     )
     where.add_argument(
         "--results-dir",

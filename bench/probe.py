@@ -44,7 +44,7 @@ from django.dispatch import receiver
 
 logger = logging.getLogger(__name__)
 
-PROBE_KEY = "bench:probe"
+PROBE_KEY = "agentsite-bench:probe"  # under the key prefix of bench.datastores
 _MARK = "__bench_probe__"
 
 

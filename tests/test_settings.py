@@ -59,6 +59,14 @@ def test_a_visibility_timeout_shorter_than_the_hard_time_limit_is_refused():
     assert result.returncode != 0 and "AGENTSITE_BROKER_VISIBILITY_TIMEOUT" in result.stderr
 
 
+@pytest.mark.parametrize("depth", ["0", "201", "deep"])
+def test_a_json_depth_limit_out_of_range_is_refused(depth):
+    # Past ~500 levels, rendering a stored value (the admin's indented JSON) would overflow
+    # Python's recursion limit: the limit itself must not be the next 500.
+    result = _import_settings(DEBUG="1", AGENTSITE_MAX_JSON_DEPTH=depth)
+    assert result.returncode != 0 and "AGENTSITE_MAX_JSON_DEPTH" in result.stderr
+
+
 def test_a_provider_without_a_base_url_is_refused():
     result = _import_settings(DEBUG="1", AGENTSITE_PROVIDER_BROKEN_API_KEY="sk-x")
     assert result.returncode != 0

@@ -51,6 +51,8 @@ from typing import Any, TypeVar
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from agentsite import rediskeys
+
 logger = logging.getLogger(__name__)
 R = TypeVar("R")
 
@@ -205,7 +207,7 @@ def _redis() -> _Redis:
 
 
 def _keys(tool: str) -> list[str]:
-    prefix = f"agentsite:breaker:{tool}"
+    prefix = rediskeys.key(f"breaker:{tool}")
     return [f"{prefix}:failures", f"{prefix}:open", f"{prefix}:probe"]
 
 

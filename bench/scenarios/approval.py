@@ -22,6 +22,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from ..datastores import KEY_PREFIX
 from ..polling import BenchError, Deadline, poll
 from ..stats import ratio, summary
 from .base import (
@@ -125,7 +126,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
 
 def _noop_round_trip(ctx: Context, replies: Any) -> float:
     """Milliseconds from sending ``bench.noop`` to its start in a worker."""
-    key = f"bench:reply:{uuid.uuid4().hex}"
+    key = f"{KEY_PREFIX}reply:{uuid.uuid4().hex}"
     sent = time.time()
     ctx.app.send_task("bench.noop", args=[key], queue="models")
     answer = replies.blpop([key], timeout=30)

@@ -304,9 +304,13 @@ def _unpause(route: str) -> None:
     import redis
     from django.conf import settings
 
+    from agentsite import rediskeys
+
     redis.Redis.from_url(settings.REDIS_URL).delete(
-        f"agentsite:quota:provider:{route.partition(':')[0]}:requests:"
-        f"{settings.AGENTSITE_RATE_WINDOW_SECONDS:g}s"
+        rediskeys.key(
+            f"quota:provider:{route.partition(':')[0]}:requests:"
+            f"{settings.AGENTSITE_RATE_WINDOW_SECONDS:g}s"
+        )
     )
 
 

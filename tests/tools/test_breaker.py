@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from agentsite import rediskeys
 from tools import breaker
 
 T = TypeVar("T")
@@ -348,15 +349,15 @@ def test_redis_keys_are_namespaced_and_all_expire(redis_tool: str, small: Any) -
     client = redis.Redis.from_url(small.REDIS_URL)
     take_probe(redis_tool)
 
-    keys = sorted(k.decode() for k in client.scan_iter(f"agentsite:breaker:{redis_tool}:*"))
-    prefix = f"agentsite:breaker:{redis_tool}"
+    prefix = rediskeys.key(f"breaker:{redis_tool}")
+    keys = sorted(k.decode() for k in client.scan_iter(f"{prefix}:*"))
     assert keys == [f"{prefix}:failures", f"{prefix}:open", f"{prefix}:probe"]
     for key in keys:
         ttl: Any = client.pttl(key)
         assert ttl > 0, f"{key} has no TTL"
 
     breaker.reset(redis_tool)
-    assert list(client.scan_iter(f"agentsite:breaker:{redis_tool}:*")) == []
+    assert list(client.scan_iter(f"{prefix}:*")) == []
 
 
 CHILD = """
