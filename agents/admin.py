@@ -13,7 +13,7 @@ from django.utils import timezone
 from approvals.models import Approval
 from tools.models import ToolGrant
 
-from . import services, timeline
+from . import selectors, services, timeline
 from .exceptions import RunAlreadyFinished, RunNotRetryable
 from .models import (
     Agent,
@@ -374,12 +374,26 @@ class RunAdmin(admin.ModelAdmin):
         # The timeline (admin/agents/run/timeline.html, between the fields and the steps):
         # two queries however long the run.
         if obj is not None:
-            context["timeline"] = timeline.run_timeline(obj, now=timezone.now())
+            now = timezone.now()
+            context["timeline"] = timeline.run_timeline(obj, now=now)
+            stuck = selectors.run_waits_unserved(obj, now=now)
+            if stuck:
+                messages.warning(request, stuck)
             site = self.admin_site
             context["timeline_links_approvals"] = site.is_registered(
                 Approval
             ) and site.get_model_admin(Approval).has_view_permission(request)
         return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if request.method == "GET":  # not again on an action's POST, which redirects here
+            now = timezone.now()
+            for queue in selectors.unserved_queues(now=now) or []:
+                if queue.runs_waiting:
+                    messages.warning(request, queue.describe(now))
+        return super().changelist_view(request, extra_context)
 
     @admin.action(description="Cancel the selected runs", permissions=["change"])
     def cancel_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:

@@ -89,6 +89,16 @@ class CheckedTask(Task):  # type: ignore[misc]
 
 
 app = Celery("agentsite", task_cls=CheckedTask)
+
+
+@app.on_configure.connect
+def _settings_or_exit(**kwargs: Any) -> None:
+    """A worker, beat or Flower with a bad setting says so in one line and exits."""
+    from .envfile import settings_or_exit
+
+    settings_or_exit()
+
+
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
@@ -200,6 +210,32 @@ def _serve_metrics(**kwargs: Any) -> None:
         logging.getLogger(__name__).error("worker metrics not served: %s", _metrics_refused[0])
         return
     metrics.serve_worker_metrics()
+
+
+# --- Heartbeats (agentsite/heartbeats.py): which queues live workers consume -----------------
+
+_heartbeat: list[Any] = []
+
+
+def _consumed_queues(consumer: Any) -> list[str]:
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is None:
+        return []
+    return [queue.name for queue in task_consumer.queues]
+
+
+@worker_ready.connect(weak=False, dispatch_uid="agentsite.heartbeat.start")
+def _start_heartbeat(sender: Any = None, **kwargs: Any) -> None:
+    from .heartbeats import Heartbeat
+
+    if sender is not None and not _heartbeat:
+        _heartbeat.append(Heartbeat(sender.hostname, lambda: _consumed_queues(sender)).start())
+
+
+@worker_shutdown.connect(weak=False, dispatch_uid="agentsite.heartbeat.stop")
+def _stop_heartbeat(**kwargs: Any) -> None:
+    while _heartbeat:
+        _heartbeat.pop().stop()
 
 
 @worker_shutdown.connect

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from agentsite import metrics
+from agentsite import authfailures, heartbeats, metrics
 from agentsite.celery import app
 from agentsite.errors import error_body
 
@@ -19,7 +19,10 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 def readyz(request: HttpRequest) -> JsonResponse:
-    """The database and the broker are reachable; 503 otherwise."""
+    """The database and the broker are reachable; 503 otherwise. Also lists the project's
+    queues that no live worker consumes (``queues_without_consumer``, from the workers'
+    heartbeats: one read, no broadcast), which does not make the process unready: the web
+    process serves whether or not workers run."""
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:
@@ -34,9 +37,10 @@ def readyz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return JsonResponse(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
-    )
+    body: dict[str, object] = {"status": "ok" if ready else "unavailable", "checks": checks}
+    if checks["broker"] == "ok":
+        body["queues_without_consumer"] = heartbeats.queues_without_consumer()
+    return JsonResponse(body, status=200 if ready else 503)
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
@@ -46,10 +50,18 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     without one, only if AGENTSITE_METRICS_PUBLIC says so."""
     token = settings.AGENTSITE_METRICS_TOKEN
     if token:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        header = request.headers.get("Authorization", "")
+        # A wrong token is a failed authentication like a wrong API key: past the limit, the
+        # client's tokens are not checked.
+        wait = authfailures.seconds_blocked(request) if header else None
+        if wait is not None:
+            return authfailures.too_many(wait)
+        scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), token.encode()
         ):
+            if header:
+                authfailures.record_failure(request)
             response = JsonResponse(
                 error_body("not_authenticated", "A metrics token is needed."), status=401
             )

@@ -42,6 +42,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
+from . import rediskeys
+
 logger = logging.getLogger(__name__)
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -440,6 +442,7 @@ class StateCollector(Collector):
             _approval_gauges,
             _outbox_gauges,
             _queue_gauges,
+            _consumer_gauges,
             _breaker_gauges,
         ):
             try:
@@ -513,10 +516,8 @@ def _outbox_gauges() -> Iterable[Metric]:
 
 
 def celery_queues() -> list[str]:
-    """Every queue a task of ours is routed to, and the default one."""
-    names = {settings.CELERY_TASK_DEFAULT_QUEUE}
-    names.update(str(route["queue"]) for route in settings.CELERY_TASK_ROUTES.values())
-    return sorted(names)
+    """Every queue of the project (``CELERY_TASK_QUEUES``: each routed one and the default)."""
+    return sorted(str(queue.name) for queue in settings.CELERY_TASK_QUEUES)
 
 
 # kombu's Redis transport keeps a queue's priority levels in lists of their own.
@@ -546,8 +547,9 @@ def _queue_gauges() -> Iterable[Metric]:
     queues = celery_queues()
     for queue in queues:
         for step in _PRIORITY_STEPS:
-            pipe.llen(queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}")
-    pipe.hlen("unacked")
+            name = queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}"
+            pipe.llen(rediskeys.broker_key(name))
+    pipe.hlen(rediskeys.broker_key("unacked"))
     replies = pipe.execute()
     depth = GaugeMetricFamily(
         "agentsite_celery_queue_length",
@@ -564,6 +566,19 @@ def _queue_gauges() -> Iterable[Metric]:
         "worker's prefetch; a countdown waits here too).",
         value=int(replies[-1]),
     )
+
+
+def _consumer_gauges() -> Iterable[Metric]:
+    from . import heartbeats
+
+    gauge = GaugeMetricFamily(
+        "agentsite_queue_consumers",
+        "Live workers consuming each queue (from their heartbeats); 0: its tasks wait.",
+        labels=["queue"],
+    )
+    for queue, count in heartbeats.consumers().items():
+        gauge.add_metric([queue], count)
+    yield gauge
 
 
 def _breaker_names() -> list[str]:

@@ -10,7 +10,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agents.exceptions import AgentsError
 from agents.models import Agent, Run, Step
+from agents.selectors import run_waits_unserved
 from agents.services import submit_run
+from agentsite import jsonparse
+
+# Seconds a run may wait on its queue before --wait says that no live worker consumes it.
+NO_WORKER_NOTICE_AFTER = 3.0
 
 
 def _clip(value: Any, limit: int = 160) -> str:
@@ -55,7 +60,9 @@ class Command(BaseCommand):
         value: Any = options["input"]
         if options["json"]:
             try:
-                value = json.loads(value)
+                value = jsonparse.loads(value)
+            except jsonparse.JsonInputError as exc:
+                raise CommandError(f"--json given but the input is refused: {exc}") from None
             except ValueError as exc:
                 raise CommandError(f"--json given but the input is not JSON: {exc}") from None
         if not Agent.objects.filter(slug=options["agent"]).exists():
@@ -92,8 +99,16 @@ class Command(BaseCommand):
         deadline = time.monotonic() + timeout
         printed: set[int] = set()
         status = run.status
+        # Said once, within a few seconds: the run waits on a queue no live worker consumes.
+        check_workers_at = time.monotonic() + NO_WORKER_NOTICE_AFTER
         while True:
             run.refresh_from_db()
+            if check_workers_at and time.monotonic() >= check_workers_at:
+                check_workers_at = time.monotonic() + NO_WORKER_NOTICE_AFTER
+                stuck = run_waits_unserved(run, after=NO_WORKER_NOTICE_AFTER)
+                if stuck:
+                    check_workers_at = 0.0
+                    self.stderr.write(f"{stuck} Still waiting.")
             if run.status != status and not run.is_final:
                 status = run.status
                 self.stdout.write(f"run {status}")

@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from agents import selectors
 from agents.models import Agent
 from agents.stats import DEFAULT_WINDOWS, TOP_AGENTS, WINDOWS, summarise_window
+from agentsite import heartbeats
 
 KNOWN_AGENTS_SHOWN = 20
 
@@ -71,6 +74,7 @@ class Command(BaseCommand):
             {"window": label, **summarise_window(WINDOWS[label], now=now, agent=agent)}
             for label in ([since] if since is not None else DEFAULT_WINDOWS)
         ]
+        queues = self._queues(now)
         if options["json"]:
             report = {
                 "generated_at": now.isoformat(),
@@ -79,6 +83,7 @@ class Command(BaseCommand):
                     {**w, "since": w["since"].isoformat(), "until": w["until"].isoformat()}
                     for w in windows
                 ],
+                "queues": queues,
             }
             self.stdout.write(json.dumps(report, indent=2))
             return
@@ -86,6 +91,46 @@ class Command(BaseCommand):
             if number:
                 self.stdout.write("")
             self._print(window)
+        self._print_queues(queues, now)
+
+    @staticmethod
+    def _queues(now: datetime) -> dict[str, Any] | None:
+        """Live workers per queue (their heartbeats) and, for a queue without any, the runs
+        that have waited on it past AGENTSITE_QUEUE_NO_CONSUMER_AFTER; None if unreadable."""
+        try:
+            consumers = heartbeats.consumers()
+        except Exception:
+            return None
+        unserved = {q.queue: q for q in selectors.unserved_queues(now=now) or []}
+        report = {}
+        for queue, count in consumers.items():
+            waiting = unserved.get(queue)
+            oldest = waiting.oldest if waiting is not None else None
+            report[queue] = {
+                "consumers": count,
+                "runs_waiting": waiting.runs_waiting if waiting is not None else 0,
+                "oldest_waiting_since": oldest.isoformat() if oldest is not None else None,
+            }
+        return report
+
+    def _print_queues(self, queues: dict[str, Any] | None, now: datetime) -> None:
+        self.stdout.write("")
+        self.stdout.write(self.style.MIGRATE_HEADING("Queues now (live workers, by heartbeat)"))
+        if queues is None:
+            self.stdout.write("  unknown: the workers' heartbeats cannot be read (is Redis up?)")
+            return
+        threshold = settings.AGENTSITE_QUEUE_NO_CONSUMER_AFTER
+        rows = [[queue, str(row["consumers"])] for queue, row in queues.items()]
+        for line in table(["queue", "workers"], rows):
+            self.stdout.write(line)
+        for queue, row in queues.items():
+            if not row["consumers"]:
+                waiting = (
+                    f": {row['runs_waiting']} runs have waited on it more than {threshold:g} s"
+                    if row["runs_waiting"]
+                    else ""
+                )
+                self.stdout.write(self.style.WARNING(f"  no live worker consumes {queue}{waiting}"))
 
     def _agent(self, slug: str | None) -> Agent | None:
         if slug is None:
