@@ -5,17 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Tests run against the real services: Postgres and Redis on this machine by default.
+# Tests run against the real services: Postgres and Redis on this machine by default. Each
+# checkout's suite has a database and a Redis key space (its tasks' queues included) of its own,
+# named after the checkout's path, so two checkouts can run `make test` side by side.
+CHECKOUT_ID := $(shell printf '%s' "$(CURDIR)" | cksum | cut -d ' ' -f 1)
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentsite
+TEST_DB_NAME ?= test_agentsite_$(CHECKOUT_ID)
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
+TEST_REDIS_KEY_PREFIX ?= agentsite-test-$(CHECKOUT_ID):
+# make up: where the API and Flower listen.
+PORT ?= 8000
+FLOWER_PORT ?= 5555
 
-.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps bench chaos
+.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps bench chaos env
 
 help:
 	@echo "make demo   - install, migrate, seed and run the demo agents on a real worker"
 	@echo "make test   - the whole suite against Postgres and Redis (started if installed)"
 	@echo "make lint   - ruff (lint + format check) and mypy"
-	@echo "make up     - web server, worker, beat and Flower for local use"
+	@echo "make up     - web server, worker, beat and Flower for local use (PORT, FLOWER_PORT)"
 	@echo "make browser-deps - Debian's chromium for the browser test (apt-get, as root)"
 	@echo "make bench  - the benchmark suite (BENCH_ARGS=--quick for a short run; see bench/README.md)"
 	@echo "make chaos  - the fault-injection suite: kills workers, restarts Redis and Postgres (CHAOS_ARGS=--help)"
@@ -28,7 +36,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-migrate: venv
+# A development .env (DEBUG=1, a generated SECRET_KEY), written once if absent, so that the
+# README's manage.py commands run with nothing to export (agentsite/envfile.py).
+env: venv
+	@$(BIN)/python -m agentsite.envfile
+
+migrate: env
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --noinput -v 0
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py seed_demo
 
@@ -57,7 +70,8 @@ browser-deps:
 # Best effort: without apt, root or the network, the browser test skips and says why.
 test: venv services
 	@$(MAKE) --no-print-directory browser-deps || echo "chromium not installed: browser test will skip"
-	DEBUG=1 DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	DEBUG=1 AGENTSITE_ENV_FILE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	  AGENTSITE_TEST_DB_NAME=$(TEST_DB_NAME) AGENTSITE_REDIS_KEY_PREFIX=$(TEST_REDIS_KEY_PREFIX) \
 	  $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -82,10 +96,11 @@ up: migrate
 	  pool=gevent; concurrency=$${WORKER_CONCURRENCY:-200}; prefetch=2; \
 	else pool=prefork; concurrency=2; prefetch=1; fi; \
 	flower_password=$${FLOWER_PASSWORD:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(12))')}; \
-	echo "API and admin: http://127.0.0.1:8000  metrics: :8000/metrics (web), :$${AGENTSITE_WORKER_METRICS_PORT:-9808}/metrics (worker)"; \
-	echo "Flower: http://127.0.0.1:5555  user $${FLOWER_USER:-admin}, password $$( [[ -n "$${FLOWER_PASSWORD:-}" ]] && echo 'from FLOWER_PASSWORD' || echo "$$flower_password (set FLOWER_PASSWORD to choose)")"; \
+	echo "API and admin: http://127.0.0.1:$(PORT)  metrics: :$(PORT)/metrics (web), :$${AGENTSITE_WORKER_METRICS_PORT:-9808}/metrics (worker)"; \
+	echo "Flower: http://127.0.0.1:$(FLOWER_PORT)  user $${FLOWER_USER:-admin}, password $$( [[ -n "$${FLOWER_PASSWORD:-}" ]] && echo 'from FLOWER_PASSWORD' || echo "$$flower_password (set FLOWER_PASSWORD to choose)")"; \
 	DEBUG=$${DEBUG:-1} WORKER_POOL=$$pool WORKER_CONCURRENCY=$$concurrency WORKER_PREFETCH=$$prefetch \
-	  FLOWER_PASSWORD=$$flower_password PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	  FLOWER_PASSWORD=$$flower_password PORT=$(PORT) FLOWER_PORT=$(FLOWER_PORT) \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 fake-openai: venv
 	$(BIN)/python -m agents.providers.fake_server --port 8765

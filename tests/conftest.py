@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from django.conf import settings
 from django.db import connection
+from pytest_django.fixtures import validate_django_db
 
 from agents import engine
 from agents.models import Agent, Run, Step
@@ -32,8 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # The worker and the API server sign and allow webhooks with these; `webhook_secret` makes the
 # test process agree, so `agents.webhooks.verify` checks what the worker signed.
 TEST_WEBHOOK_SECRET = "test-webhook-secret-0f3a9c"
+# Test servers listen on random local ports: allow any port of 127.0.0.1, and loopback
+# addresses, which http_get and webhooks refuse by default.
+LOOPBACK_NETWORKS = ["127.0.0.0/8"]
 WEBHOOK_ENV = {
-    "AGENTSITE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    "AGENTSITE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*",
+    "AGENTSITE_OUTBOUND_ALLOWED_NETWORKS": ",".join(LOOPBACK_NETWORKS),
     "AGENTSITE_WEBHOOK_SECRET": TEST_WEBHOOK_SECRET,
 }
 
@@ -126,16 +131,38 @@ def _test_database_url() -> str:
 TEST_WORKER_POOL = os.environ.get("AGENTSITE_TEST_WORKER_POOL", "gevent")
 
 
+# Every worker process a test started and that may still run (the session's, and a module's own),
+# drained before each flush (see _worker_quiet_around_flushes).
+LIVE_WORKERS: list[WorkerProcess] = []
+# Loaded by every test worker: the remote-control command that drains it.
+WORKER_CONTROL = ["--include", "tests.workercontrol"]
+
+
+def _queues_of(command: list[str]) -> list[str]:
+    """The queues a worker command consumes: its -Q, or every queue of the project."""
+    from agentsite.metrics import celery_queues
+
+    for flag in ("-Q", "--queues"):
+        if flag in command:
+            return command[command.index(flag) + 1].split(",")
+    return celery_queues()
+
+
 class WorkerProcess:
     def __init__(
         self, command: list[str], env: dict[str, str], name: str, log: Path, pool: str
     ) -> None:
-        self.command = command
+        self.command = command if "tests.workercontrol" in command else [*command, *WORKER_CONTROL]
         self.env = env
         self.name = name
         self.log = log
         self.pool = pool
+        self.queues = _queues_of(command)
+        self.held: set[str] = set()  # queues a module keeps this worker off (hold / release)
+        self.restartable = False  # the session's worker: a test that killed it is followed by
+        # a restart; a module's own workers are gone with their module.
         self.process = self._spawn()
+        LIVE_WORKERS.append(self)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as out:
@@ -168,9 +195,49 @@ class WorkerProcess:
             stop_process(self.process, grace=30)
         self.process = self._spawn()
         self.wait_ready()
+        if self.held:
+            self.hold(*self.held)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def hold(self, *queues: str) -> None:
+        """Stop consuming ``queues`` until ``release`` (e.g. while a module's own workers
+        take them); resuming after a test leaves them off."""
+        from agentsite.celery import app
+
+        self.held.update(queues)
+        for queue in queues:
+            replies = app.control.cancel_consumer(
+                queue, destination=[self.name], reply=True, timeout=5
+            )
+            assert replies, f"worker {self.name} did not answer cancel_consumer"
+
+    def release(self, *queues: str) -> None:
+        """Consume ``queues`` again."""
+        from agentsite.celery import app
+
+        self.held.difference_update(queues)
+        if self.process.poll() is not None:
+            return
+        for queue in queues:
+            app.control.add_consumer(queue, destination=[self.name], reply=True, timeout=5)
+
+    def drain(self, *, timeout: float = 60.0) -> None:
+        """Revoke what the worker holds for later (tests/workercontrol.py) and wait until
+        nothing of it executes: the database may then be flushed without it writing."""
+        from agentsite.celery import app
+
+        if self.process.poll() is not None:
+            return  # killed by its test; the next test that uses it restarts it
+
+        def idle() -> bool:
+            replies = app.control.broadcast(
+                "agentsite_test_drain", destination=[self.name], reply=True, timeout=2
+            )
+            return any(reply.get(self.name, {}).get("active") == 0 for reply in replies)
+
+        poll(idle, timeout=timeout, interval=0.05, what=f"worker {self.name} to finish its tasks")
 
     def task_totals(self) -> dict[str, int]:
         """How many tasks of each name this worker has finished (Celery's own counters)."""
@@ -180,6 +247,38 @@ class WorkerProcess:
         return dict(stats.get(self.name, {}).get("total", {}))
 
 
+def delete_redis_keys(pattern: str) -> None:
+    """Delete the keys matching ``pattern`` (a SCAN pattern) in the suite's Redis."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL or settings.CELERY_BROKER_URL)
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) == 500:
+            client.delete(*batch)
+            batch = []
+    if batch:
+        client.delete(*batch)
+
+
+def purge_queues() -> None:
+    """Drop the messages waiting in the project's queues (kombu's priority lists included),
+    keeping the queues' bindings, which running processes remember having declared."""
+    import redis
+
+    from agentsite import rediskeys
+    from agentsite.metrics import celery_queues
+
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    names = [
+        rediskeys.broker_key(queue if step == 0 else f"{queue}\x06\x16{step}")
+        for queue in celery_queues()
+        for step in (0, 3, 6, 9)
+    ]
+    client.delete(*names)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_model_limits() -> None:
     """Each test starts with no rate-limit pause or open model circuit left by an earlier one
@@ -187,13 +286,47 @@ def _fresh_model_limits() -> None:
     provider)."""
     if not settings.REDIS_URL:
         return
-    import redis
+    from agentsite import rediskeys
 
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    for pattern in ("agentsite:quota:*", "agentsite:breaker:model:*"):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        if keys:
-            client.delete(*keys)
+    # ... nor failed authentications counted against 127.0.0.1, every test's client address.
+    for name in ("quota:*", "breaker:model:*", "rate:authfail:*"):
+        delete_redis_keys(rediskeys.key(name))
+
+
+@pytest.fixture(autouse=True)
+def _worker_quiet_around_flushes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The suite's workers execute nothing when a test's database is flushed (a TRUNCATE of
+    every table deadlocked with the session's worker writing at the same moment): after a test
+    that flushes (transactional) or used a worker, each live worker is drained
+    (WorkerProcess.drain: what it held of the test is revoked, what it runs is waited for) and
+    the queues are emptied, before pytest-django's flush, which runs when its database fixture
+    is torn down, after this one."""
+    transactional = (
+        request.node.get_closest_marker("django_db") is not None
+        and (validate_django_db(request.node.get_closest_marker("django_db"))[0])
+    )
+    transactional = transactional or "transactional_db" in request.fixturenames
+    uses_worker = "celery_worker" in request.fixturenames
+    if not (transactional or uses_worker):
+        yield
+        return
+    if request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
+        request.fixturenames
+    ):
+        request.getfixturevalue("_django_db_helper")  # set up first, so torn down after us
+    if uses_worker:
+        worker = request.getfixturevalue("celery_worker")
+        if worker.process.poll() is not None:
+            worker.restart()  # a test before this one killed it
+    yield
+    if not LIVE_WORKERS:
+        return
+    for worker in LIVE_WORKERS:
+        worker.drain()
+    purge_queues()
+    for worker in LIVE_WORKERS:  # anything fetched before the purge: revoked too
+        worker.drain()
+    LIVE_WORKERS[:] = [w for w in LIVE_WORKERS if w.restartable or w.process.poll() is None]
 
 
 @pytest.fixture(scope="session")
@@ -208,7 +341,28 @@ def celery_worker(
         pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
     import redis
 
-    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()  # no messages from earlier runs
+    # A worker left running by an earlier run of this suite (killed harness, orphaned child)
+    # would take this run's tasks: say so rather than fail in strange ways.
+    from agentsite import heartbeats
+
+    stale = {w.name for w in heartbeats.live_workers()}
+    if stale:
+        wait = settings.AGENTSITE_WORKER_HEARTBEAT_TTL + 1  # stopped ones expire meanwhile
+        deadline = time.monotonic() + wait
+        while stale and time.monotonic() < deadline:
+            time.sleep(0.5)
+            stale = {w.name for w in heartbeats.live_workers()}
+        if stale:
+            pytest.fail(
+                f"worker(s) {', '.join(sorted(stale))} still consume this suite's queues (Redis "
+                f"key prefix {settings.AGENTSITE_REDIS_KEY_PREFIX!r}): stop them first"
+            )
+    # No message or key of an earlier run of this suite: its key space only (the keys' prefix,
+    # AGENTSITE_REDIS_KEY_PREFIX, is the suite's own under make test), or the database if none.
+    if settings.AGENTSITE_REDIS_KEY_PREFIX:
+        delete_redis_keys(settings.AGENTSITE_REDIS_KEY_PREFIX + "*")
+    else:
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     name = f"pytest-{os.getpid()}@{socket.gethostname()}"
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {
@@ -228,6 +382,8 @@ def celery_worker(
         "AGENTSITE_BREAKER_COOLDOWN": "2",
         # Fewer connections than calls in flight: a step must not pin one while it waits.
         "AGENTSITE_DB_POOL_MAX": "5",
+        # Its heartbeat says within a second which queues it consumes (hold, release).
+        "AGENTSITE_WORKER_HEARTBEAT_TTL": "4",
         **WEBHOOK_ENV,
     }
     command = [
@@ -239,8 +395,7 @@ def celery_worker(
         "worker",
         "-P",
         TEST_WORKER_POOL,
-        "-Q",
-        "models,tools,maintenance,default",
+        # No -Q: a worker consumes every queue the project declares (CELERY_TASK_QUEUES).
         "--concurrency",
         "100" if TEST_WORKER_POOL == "gevent" else "4",
         "--prefetch-multiplier",
@@ -254,19 +409,39 @@ def celery_worker(
     ]
     log.write_bytes(b"")
     worker = WorkerProcess(command, env, name, log, TEST_WORKER_POOL)
+    worker.restartable = True
     try:
         worker.wait_ready()
         yield worker
     finally:
         stop_process(worker.process, grace=30)
+        LIVE_WORKERS.remove(worker)
 
 
 @pytest.fixture
 def webhook_secret(settings: Any) -> str:
     """This process signs and verifies webhooks with the secret the worker and server use."""
     settings.AGENTSITE_WEBHOOK_SECRET = TEST_WEBHOOK_SECRET
-    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1:*"]
+    settings.AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = LOOPBACK_NETWORKS
     return TEST_WEBHOOK_SECRET
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Names the test maps to addresses (``fake_dns["hooks.example.com"] = ["93.184.215.14"]``),
+    resolved without asking a DNS server; any other name does not exist."""
+    from agentsite import outbound
+
+    names: dict[str, list[str]] = {}
+
+    def resolve(host: str, port: int) -> list[str]:
+        if host.lower() in names:
+            return list(names[host.lower()])
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(outbound, "resolver", resolve)
+    return names
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import kombu
 import pytest
 import redis
 from django.contrib.auth.models import User
@@ -25,7 +26,7 @@ from rest_framework.test import APIClient
 from agents import audit
 from agents.models import ModelPrice, Run
 from agents.services import create_api_key, submit_run
-from agentsite import logs, metrics, tracing
+from agentsite import logs, metrics, rediskeys, tracing
 from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
@@ -258,16 +259,18 @@ def test_the_web_process_serves_the_state_gauges(make_agent, settings):
     Approval.objects.filter(pk=oldest.pk).update(created_at=oldest.created_at.replace(year=2020))
     # A queue of its own (a worker may be consuming the real ones), with three messages.
     queue = f"metrics-test-{uuid.uuid4().hex[:8]}"
-    settings.CELERY_TASK_ROUTES = {**settings.CELERY_TASK_ROUTES, "x.y": {"queue": queue}}
+    settings.CELERY_TASK_QUEUES = [*settings.CELERY_TASK_QUEUES, kombu.Queue(queue)]
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    broker.rpush(queue, b"1", b"2")
-    broker.rpush(f"{queue}\x06\x169", b"3")  # kombu's list for priority 9
+    # Under the deployment's key prefix (kombu's global_keyprefix), as kombu keeps it.
+    listed = rediskeys.broker_key(queue)
+    broker.rpush(listed, b"1", b"2")
+    broker.rpush(f"{listed}\x06\x169", b"3")  # kombu's list for priority 9
     settings.AGENTSITE_BREAKER_FAILURES = 1
     breaker.record_failure("dawdle")
     try:
         found = scraped(client)
     finally:
-        broker.delete(queue, f"{queue}\x06\x169")
+        broker.delete(listed, f"{listed}\x06\x169")
         breaker.reset("dawdle")
 
     assert found[("agentsite_approvals_pending", (("agent", "gauged"),))] == 2
@@ -313,9 +316,10 @@ def test_open_event_streams_are_counted_until_the_client_goes():
     import asyncio
 
     from agents.events import _stream
+    from agents.streamslots import Slot
 
     async def open_then_leave() -> tuple[float, float]:
-        stream = _stream(uuid.uuid4(), None)
+        stream = _stream(uuid.uuid4(), None, Slot(caller="metrics-test", counted=False))
         assert await stream.__anext__() == "retry: 1000\n\n"
         during = sample("agentsite_event_streams_open")
         await stream.aclose()  # what the server does when the client disconnects

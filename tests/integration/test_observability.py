@@ -90,13 +90,8 @@ def observed_worker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[WorkerProcess, str]]:
     """A worker exporting spans, logging JSON and serving metrics; (worker, metrics URL)."""
-    from agentsite.celery import app
 
-    for queue in ("models", "tools"):
-        replies = app.control.cancel_consumer(
-            queue, destination=[celery_worker.name], reply=True, timeout=5
-        )
-        assert replies, "the session's worker did not answer cancel_consumer"
+    celery_worker.hold("models", "tools")
     port = _free_port()
     env = {
         **celery_worker.env,
@@ -122,8 +117,7 @@ def observed_worker(
         yield worker, url
     finally:
         stop_process(worker.process, grace=30)
-        for queue in ("models", "tools"):
-            app.control.add_consumer(queue, destination=[celery_worker.name], reply=True, timeout=5)
+        celery_worker.release("models", "tools")
 
 
 @pytest.fixture(autouse=True)

@@ -51,12 +51,8 @@ def rate_workers(
 ) -> Iterator[list[WorkerProcess]]:
     """Three more worker processes on the ``models`` queue with a 3 s rate window; the session's
     worker (60 s window) stops taking model steps until the module is done."""
-    from agentsite.celery import app
 
-    replies = app.control.cancel_consumer(
-        "models", destination=[celery_worker.name], reply=True, timeout=5
-    )
-    assert replies, "the session's worker did not answer cancel_consumer"
+    celery_worker.hold("models")
     env = {**celery_worker.env, "AGENTSITE_RATE_WINDOW_SECONDS": f"{WINDOW:g}"}
     logs = tmp_path_factory.mktemp("rate-workers")
     concurrency = "20" if celery_worker.pool == "gevent" else "2"
@@ -79,7 +75,7 @@ def rate_workers(
         yield workers
     finally:
         _stop_all(workers)
-        app.control.add_consumer("models", destination=[celery_worker.name], reply=True, timeout=5)
+        celery_worker.release("models")
 
 
 def _own_queue(worker_name: str) -> str:

@@ -25,6 +25,7 @@ from django.conf import settings
 
 from agents.models import Run, Step
 from agents.services import submit_run
+from agentsite import rediskeys
 from agentsite.celery import app
 from tests.conftest import WorkerProcess, poll
 
@@ -77,10 +78,13 @@ def _message(envelope: Any, key: str) -> BrokerMessage:
 
 
 def broker_messages() -> list[BrokerMessage]:
-    """Every task message Redis holds: waiting in a queue, or delivered and not yet acked."""
+    """Every task message Redis holds under the suite's key prefix (kombu's global_keyprefix):
+    waiting in a queue (its name without the prefix), or delivered and not yet acked."""
     client = broker()
+    prefix = rediskeys.broker_key("").encode()
     found = []
-    for key in client.scan_iter(count=1000):
+    for key in client.scan_iter(match=prefix + b"*", count=1000):
+        name = key[len(prefix) :]
         kind = client.type(key)
         if kind == b"list":
             for raw in client.lrange(key, 0, -1):
@@ -89,8 +93,8 @@ def broker_messages() -> list[BrokerMessage]:
                 except ValueError:
                     continue
                 if isinstance(envelope, dict):
-                    found.append(_message(envelope, key.decode()))
-        elif kind == b"hash" and key == UNACKED:
+                    found.append(_message(envelope, name.decode()))
+        elif kind == b"hash" and name == UNACKED:
             for raw in client.hvals(key):
                 envelope, _exchange, _routing_key = json.loads(raw)
                 found.append(_message(envelope, UNACKED.decode()))
@@ -220,15 +224,17 @@ def guarded(worker: WorkerProcess, task_id: str) -> Iterator[None]:
 def purge(task_id: str) -> None:
     """Remove a message from the broker's queues and its unacked hash."""
     client = broker()
-    for key in client.scan_iter(count=1000):
+    prefix = rediskeys.broker_key("").encode()
+    for key in client.scan_iter(match=prefix + b"*", count=1000):
         if client.type(key) == b"list":
             for raw in client.lrange(key, 0, -1):
                 if task_id.encode() in raw:
                     client.lrem(key, 0, raw)
-    for tag, raw in client.hgetall(UNACKED).items():
+    unacked = prefix + UNACKED
+    for tag, raw in client.hgetall(unacked).items():
         if task_id.encode() in raw:
-            client.hdel(UNACKED, tag)
-            client.zrem(UNACKED + b"_index", tag)
+            client.hdel(unacked, tag)
+            client.zrem(unacked + b"_index", tag)
 
 
 def wait_dropped(worker: WorkerProcess, task_id: str, *, marker: str = "") -> None:
