@@ -2,7 +2,10 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from agentsite.envfile import settings_or_exit
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
+settings_or_exit()  # a bad setting: one line, not a traceback per server worker
 application = get_asgi_application()
 
 # The web process: its log lines say so, and its spans go out over OTLP when configured.
