@@ -7,6 +7,7 @@ from typing import Any
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
+    OpenApiExample,
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
@@ -16,6 +17,8 @@ from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
+
+from agentsite.apischema import NOT_JSON, TOO_LARGE, error_response
 
 from . import services, usage
 from .models import Agent, ApiKey, AuditEvent, Run
@@ -34,11 +37,16 @@ from .serializers import (
 
 EVENTS_PAGE = 500
 ERROR_RESPONSES = {
-    400: OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid request (error shape)"),
-    401: OpenApiResponse(OpenApiTypes.OBJECT, description="Missing or invalid API key"),
-    404: OpenApiResponse(OpenApiTypes.OBJECT, description="Not found (or not yours)"),
-    429: OpenApiResponse(OpenApiTypes.OBJECT, description="Rate limited; see Retry-After"),
+    400: error_response("Invalid request (the input at fault named in fields)"),
+    401: error_response("Missing or invalid API key"),
+    404: error_response("Not found (or not yours)"),
+    429: error_response("Rate limited; see Retry-After"),
 }
+SSE_EXAMPLE = (
+    "retry: 1000\n\n"
+    'id: 42\nevent: run.started\ndata: {"id": 42, "type": "run.started", ...}\n\n'
+    'event: end\ndata: {"run_status": "succeeded"}\n\n'
+)
 
 
 @extend_schema_view(
@@ -102,7 +110,19 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     @extend_schema(
         request=RunCreateSerializer,
-        responses={202: RunSerializer, 409: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
+        responses={
+            202: RunSerializer,
+            409: error_response(
+                "The Idempotency-Key was used with another body (idempotency_conflict), or the "
+                "session has a run in progress with on_conflict reject (session_busy)"
+            ),
+            413: TOO_LARGE,
+            415: NOT_JSON,
+            **ERROR_RESPONSES,
+            429: error_response(
+                "Rate limited, or the key's cap on unfinished runs is reached; see Retry-After"
+            ),
+        },
         parameters=[
             OpenApiParameter(
                 "Idempotency-Key",
@@ -149,7 +169,12 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     @extend_schema(
         request=None,
-        responses={202: RunSerializer, 409: OpenApiTypes.OBJECT, **ERROR_RESPONSES},
+        responses={
+            202: RunSerializer,
+            409: error_response("The run had already finished (run_already_finished)"),
+            413: TOO_LARGE,
+            **ERROR_RESPONSES,
+        },
     )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
@@ -164,7 +189,31 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                 "after", int, description="Only events with a larger id (for polling)."
             )
         ],
-        responses={200: EventPageSerializer, **ERROR_RESPONSES},
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                EventPageSerializer,
+                description="The events as JSON; with Accept: text/event-stream, a Server-Sent "
+                "Events stream instead: each event as `id:` (its id), `event:` (its type) and "
+                "`data:` (the event as JSON), until an `end` event after the run's final event "
+                "(or `timeout`: reconnect with Last-Event-ID).",
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR,
+                examples=[
+                    OpenApiExample(
+                        "stream",
+                        value=SSE_EXAMPLE,
+                        media_type="text/event-stream",
+                        response_only=True,
+                    )
+                ],
+            ),
+            **ERROR_RESPONSES,
+            429: error_response(
+                "Rate limited, or too many event streams open for this key (too_many_streams); "
+                "see Retry-After"
+            ),
+        },
     )
     @action(detail=True, methods=["get"], pagination_class=None)
     def events(self, request: Request, pk: str | None = None) -> Response:

@@ -31,6 +31,7 @@ from .exceptions import (
     SessionBusy,
     TooManyActiveRuns,
 )
+from .jsonsafe import unstorable
 from .models import (
     ROUTE_VALIDATOR,
     VERSIONED_FIELDS,
@@ -248,23 +249,14 @@ def set_grants(*, agent: Agent, grants: list[str] | dict[str, GrantSpec]) -> Non
         grant.save()
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
 def _normalise_input(value: Any) -> Any:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise InvalidRunInput("input must not be empty")
     if not isinstance(value, str | dict):
         raise InvalidRunInput("input must be a string or a JSON object")
-    if _has_nul(value):
-        raise InvalidRunInput("input must not contain NUL characters (\\u0000)")
+    problem = unstorable(value)
+    if problem:
+        raise InvalidRunInput(f"input {problem}")
     try:
         size = len(json.dumps(value).encode())
     except (TypeError, ValueError):
@@ -359,8 +351,9 @@ def submit_run(
             ) from None
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRunInput("metadata must be a JSON object", field="metadata")
-    if metadata is not None and _has_nul(metadata):
-        raise InvalidRunInput("metadata must not contain NUL characters", field="metadata")
+    problem = unstorable(metadata) if metadata is not None else ""
+    if problem:
+        raise InvalidRunInput(f"metadata {problem}", field="metadata")
     if webhook_url:
         check_webhook_url(webhook_url)
 

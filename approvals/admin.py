@@ -26,6 +26,7 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from agents.models import Agent, Run
+from agentsite import jsonparse
 
 from . import services
 from .models import Approval
@@ -196,14 +197,16 @@ class DecisionForm(forms.Form):
         else:
             return True
         try:  # reformatted JSON is the same proposal
-            return bool(json.loads(text) != proposed)
+            return bool(jsonparse.loads(text) != proposed)
         except ValueError:
             return True
 
 
 def _json(text: str) -> Any:
     try:
-        return json.loads(text)
+        return jsonparse.loads(text)
+    except jsonparse.JsonInputError as exc:
+        raise ValueError(exc.message) from None
     except ValueError as exc:
         raise ValueError(f"Not valid JSON: {exc}.") from None
 

@@ -18,7 +18,6 @@ from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
-    OpenApiResponse,
     extend_schema,
     extend_schema_view,
 )
@@ -28,6 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from agentsite.apischema import NOT_JSON, TOO_LARGE, error_response
 from agentsite.errors import error_body
 
 from . import services
@@ -38,17 +38,11 @@ from .serializers import (
     ApprovalFilterSerializer,
     ApprovalSerializer,
     DecisionSerializer,
-    ErrorResponseSerializer,
 )
 
-
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(ErrorResponseSerializer, description=description)
-
-
-UNAUTHENTICATED = {401: _error("Missing or invalid API key")}
-THROTTLED = {429: _error("Rate limited; see Retry-After")}
-NOT_FOUND = {404: _error("No such approval, or the caller may not see the queue")}
+UNAUTHENTICATED = {401: error_response("Missing or invalid API key")}
+THROTTLED = {429: error_response("Rate limited; see Retry-After")}
+NOT_FOUND = {404: error_response("No such approval, or the caller may not see the queue")}
 # A decision's refusals from approvals.services, by class (the first match wins).
 DECISION_STATUS: tuple[tuple[type[services.DecisionError], int], ...] = (
     (services.AlreadyDecided, status.HTTP_409_CONFLICT),
@@ -143,9 +137,9 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         ],
         responses={
             200: ApprovalSerializer(many=True),
-            400: _error("Invalid filter (error shape, the filter named in fields)"),
+            400: error_response("Invalid filter (error shape, the filter named in fields)"),
             **UNAUTHENTICATED,
-            403: _error("Not a reviewer"),
+            403: error_response("Not a reviewer"),
             **THROTTLED,
         },
     )
@@ -157,12 +151,15 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         request=DecisionSerializer,
         responses={
             200: ApprovalSerializer,
-            400: _error("Invalid decision (error shape, the input at fault named in fields)"),
+            400: error_response(
+                "Invalid decision (error shape, the input at fault named in fields)"
+            ),
             **UNAUTHENTICATED,
-            403: _error("Not allowed to decide: not a reviewer, or the four-eyes rule"),
+            403: error_response("Not allowed to decide: not a reviewer, or the four-eyes rule"),
             **NOT_FOUND,
-            409: _error("Already decided (already_decided)"),
-            415: _error("The body is not JSON (Content-Type)"),
+            409: error_response("Already decided (already_decided)"),
+            413: TOO_LARGE,
+            415: NOT_JSON,
             **THROTTLED,
         },
     )

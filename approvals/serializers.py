@@ -223,18 +223,3 @@ class ApprovalFilterSerializer(StrictSerializer):
     overdue = serializers.BooleanField(required=False)
     limit = serializers.IntegerField(required=False, min_value=1)
     offset = serializers.IntegerField(required=False, min_value=0)
-
-
-class ErrorDetailSerializer(serializers.Serializer):
-    code = serializers.CharField()
-    message = serializers.CharField()
-    fields = serializers.DictField(
-        child=serializers.ListField(child=serializers.CharField()),
-        help_text="Messages by the name of the input at fault; empty if none is.",
-    )
-
-
-class ErrorResponseSerializer(serializers.Serializer):
-    """The one error shape (see agentsite.errors)."""
-
-    error = ErrorDetailSerializer()

@@ -26,7 +26,6 @@ budget exhausted      approve: the run gets another budget;  the run fails (``bu
 from __future__ import annotations
 
 import json
-import math
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -37,6 +36,7 @@ from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit, tool_call_on_commit
+from agents.jsonsafe import unstorable
 from agents.models import Run, Step
 
 from .models import Approval, action_digest, output_digest
@@ -255,7 +255,7 @@ def decide(
         raise DecisionError("a rejection needs a comment saying why", field="comment")
     expired = expired and bool(system)
     for field, value in (("comment", comment), ("arguments", arguments), ("output", output)):
-        problem = _unstorable(value)
+        problem = unstorable(value)
         if problem:
             raise DecisionError(f"{field} {problem}", field=field)
     with transaction.atomic():
@@ -289,27 +289,6 @@ def decide(
 
 def _rejected(expired: bool) -> str:
     return Approval.Status.EXPIRED if expired else Approval.Status.REJECTED
-
-
-def _unstorable(value: Any, depth: int = 0) -> str:
-    """Why a reviewer's value cannot be stored as JSON in Postgres, or ""."""
-    if depth > 32:
-        return "is nested too deeply"
-    if isinstance(value, str):
-        return "must not contain NUL characters" if "\x00" in value else ""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must not contain NaN or Infinity"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            problem = _unstorable(key, depth + 1) or _unstorable(item, depth + 1)
-            if problem:
-                return problem
-    if isinstance(value, list):
-        for item in value:
-            problem = _unstorable(item, depth + 1)
-            if problem:
-                return problem
-    return ""
 
 
 def _held_step(run: Run, approval: Approval) -> Step:
@@ -361,7 +340,7 @@ def _decide_tool_call(
     if decision == "edit" and not isinstance(arguments, dict):
         raise DecisionError("edit needs the arguments to run, as a JSON object", field="arguments")
     final = arguments if decision == "edit" else approval.proposed_arguments
-    verdict = policy.authorize(run, step.tool_name, final)
+    verdict = policy.authorize(run, step.tool_name, final, step_index=step.index)
     if verdict.refusal:
         raise DecisionError(verdict.refusal, field="arguments" if decision == "edit" else None)
     assert verdict.spec is not None

@@ -81,6 +81,37 @@ def test_run_agent_json_with_invalid_json_is_rejected(make_agent):
     assert not Run.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"q": ' + "[" * 5000 + "]" * 5000 + "}",
+            "--json given but the input is refused: "
+            "Nested more than 64 levels deep (arrays and objects).",
+        ),
+        (
+            '{"q": "\\ud800"}',
+            "--json given but the input is refused: Surrogate characters are not allowed: U+D800.",
+        ),
+    ],
+    ids=["deep", "surrogate"],
+)
+def test_run_agent_json_too_deep_or_with_a_lone_surrogate_is_rejected(make_agent, text, message):
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    with pytest.raises(CommandError) as refused:
+        run_command("run_agent", "alpha", text, json=True)
+    assert str(refused.value) == message
+    assert not Run.objects.exists()
+
+
+def test_run_agent_refuses_text_with_a_lone_surrogate(make_agent):
+    # Linux hands a program bytes that are not UTF-8 as lone surrogates (surrogateescape).
+    make_agent(slug="alpha", script=[{"text": "hi"}])
+    with pytest.raises(CommandError, match=r"input must not contain surrogate characters"):
+        run_command("run_agent", "alpha", b"caf\xe9".decode("utf-8", "surrogateescape"))
+    assert not Run.objects.exists()
+
+
 def test_run_agent_json_queues_the_parsed_object(make_agent):
     make_agent(slug="alpha", script=[{"text": "hi"}])
     run_command("run_agent", "alpha", '{"question": "why?"}', json=True)

@@ -321,6 +321,55 @@ def test_submission_errors_are_domain_errors(make_agent):
     assert not Run.objects.exists()
 
 
+def deeply_nested(depth: int) -> dict:
+    """``depth`` nested dicts, built without recursion."""
+    value: dict = {}
+    node = value
+    for _ in range(depth - 1):
+        node["a"] = {}
+        node = node["a"]
+    return value
+
+
+def contains_itself() -> dict:
+    value: dict = {"name": "loop"}
+    value["self"] = value
+    return value
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"input": deeply_nested(5000)}, "input", "nest more than 64 levels deep"),
+        ({"input": deeply_nested(65)}, "input", "nest more than 64 levels deep"),
+        ({"input": "x", "metadata": deeply_nested(5000)}, "metadata", "64 levels"),
+        ({"input": contains_itself()}, "input", "64 levels"),
+        ({"input": {"a": "\ud800"}}, "input", "surrogate characters \\(U\\+D800\\)"),
+        ({"input": "x", "metadata": {"\udcff": 1}}, "metadata", "surrogate characters"),
+        ({"input": "caf\udce9"}, "input", "surrogate characters"),  # argv's surrogateescape
+        ({"input": {"a": [float("nan")]}}, "input", "NaN or Infinity"),
+        ({"input": {"a": "x\x00"}}, "input", "NUL characters"),
+    ],
+    ids=["deep", "65", "deep-metadata", "cycle", "surrogate", "key", "argv", "nan", "nul"],
+)
+def test_an_unstorable_value_is_refused_before_any_write(make_agent, fields, field, words):
+    agent = make_agent(script=[{"text": "x"}])
+
+    with pytest.raises(InvalidRunInput, match=words) as refused:
+        submit_run(agent=agent, **fields)
+
+    assert refused.value.field == field
+    assert str(refused.value).startswith(f"{field} must not ")
+    assert not Run.objects.exists()
+
+
+def test_a_value_nested_to_the_limit_is_stored(make_agent):
+    agent = make_agent(script=[{"text": "x"}])
+    run = submit_run(agent=agent, input=deeply_nested(64), metadata=deeply_nested(64))
+    run.refresh_from_db()
+    assert run.input == deeply_nested(64) and run.metadata == deeply_nested(64)
+
+
 def test_audit_events_are_append_only(make_agent):
     agent = make_agent(script=[{"text": "x"}])
     run = submit_run(agent=agent, input="hi")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from functools import reduce
 
 import pytest
 from django.contrib.auth.models import Group, User
@@ -307,7 +308,19 @@ def test_a_confidence_that_is_not_a_real_0_to_1_figure_counts_as_none(make_agent
         ("output", {"answer": float("nan")}, "output must not contain NaN or Infinity"),
         ("output", {"answer": "a\x00b"}, "output must not contain NUL characters"),
         ("comment", "ok\x00", "comment must not contain NUL characters"),
+        (
+            "output",
+            {"answer": "\ud800"},
+            "output must not contain surrogate characters (U+D800)",
+        ),
+        ("comment", "ok\udcff", "comment must not contain surrogate characters (U+DCFF)"),
+        (
+            "output",
+            {"answer": reduce(lambda inner, _: {"a": inner}, range(5000), {})},
+            "output must not nest more than 64 levels deep (arrays and objects)",
+        ),
     ],
+    ids=["nan", "nul", "nul-comment", "surrogate", "surrogate-comment", "deep"],
 )
 def test_a_reviewers_input_that_cannot_be_stored_is_a_decision_error(
     make_agent, reviewer, field, value, message

@@ -77,3 +77,10 @@ def assert_error(
         assert field in error["fields"], error
         assert error["fields"][field] and all(isinstance(m, str) for m in error["fields"][field])
     return error
+
+
+def nested(depth: int, leaf: str = "1", kind: str = "object") -> str:
+    """JSON text of ``depth`` nested objects (or arrays) around ``leaf``."""
+    if kind == "array":
+        return "[" * depth + leaf + "]" * depth
+    return '{"a": ' * depth + leaf + "}" * depth

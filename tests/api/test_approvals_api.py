@@ -24,7 +24,7 @@ from rest_framework.test import APIClient
 
 from agents.models import AuditEvent, Run, Step
 from approvals.models import Approval
-from tests.api.conftest import KeyClient, assert_error
+from tests.api.conftest import KeyClient, assert_error, nested
 from tests.conftest import drive
 
 pytestmark = pytest.mark.django_db
@@ -563,6 +563,78 @@ def test_a_malformed_json_body_answers_400(reviewer, client_a, calc, raw):
     assert approval.status == Approval.Status.PENDING
 
 
+@pytest.mark.parametrize(
+    ("raw", "field", "words"),
+    [
+        (
+            '{"decision": "edit", "arguments": ' + nested(400) + "}",
+            "arguments",
+            "Nested more than 64 levels deep",
+        ),
+        (
+            '{"decision": "edit", "arguments": {"x": ' + nested(100_000, "", "array") + "}}",
+            "arguments",
+            "Nested more than 64 levels deep",
+        ),
+        (
+            r'{"decision": "edit", "arguments": {"expression": "6*\ud800"}}',
+            "arguments",
+            "Surrogate characters are not allowed: U+D800.",
+        ),
+        (
+            r'{"decision": "edit", "arguments": {"\udfff": "6*8"}}',
+            "arguments",
+            "Surrogate characters are not allowed: U+DFFF.",
+        ),
+        (
+            r'{"decision": "reject", "comment": "no \ud800"}',
+            "comment",
+            "Surrogate characters are not allowed: U+D800.",
+        ),
+    ],
+)
+def test_a_decision_body_too_deep_or_with_a_lone_surrogate_answers_400(
+    reviewer, client_a, calc, raw, field, words
+):
+    run_id, approval = held(client_a)
+
+    response = reviewer.post(
+        approval_url(approval.pk, "decision/"), raw, content_type="application/json"
+    )
+
+    error = assert_error(response, 400, "invalid", field=field)
+    assert words in error["message"]
+    approval.refresh_from_db()
+    assert approval.status == Approval.Status.PENDING
+    assert approval_events(run_id) == ["approval.requested"]
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        '{"answer": ' + nested(70) + "}",
+        r'{"answer": "fine\udc80"}',
+        r'["\ud83d", "\ude00"]',
+    ],
+)
+def test_an_edited_output_too_deep_or_with_a_lone_surrogate_answers_400(
+    reviewer, client_a, unsure, output
+):
+    run_id, approval = held(client_a, "unsure", "q")
+
+    response = reviewer.post(
+        approval_url(approval.pk, "decision/"),
+        '{"decision": "edit", "output": ' + output + "}",
+        content_type="application/json",
+    )
+
+    error = assert_error(response, 400, "invalid", field="output")
+    assert "64 levels" in error["message"] or "Surrogate characters" in error["message"]
+    approval.refresh_from_db()
+    assert approval.status == Approval.Status.PENDING
+    assert approval_events(run_id) == ["approval.requested"]
+
+
 @pytest.mark.parametrize("body", [["approve"], "approve", 1, None, True])
 def test_a_json_body_that_is_not_an_object_answers_400(reviewer, client_a, calc, body):
     _, approval = held(client_a)
@@ -703,6 +775,15 @@ def test_the_schema_documents_every_status_the_approvals_api_answers(
             decision,
             reviewer.post(approval_url(approval.pk, "decision/"), {}, format="multipart"),
         ),
+        (
+            "POST",
+            decision,
+            reviewer.post(
+                approval_url(approval.pk, "decision/"),
+                '"' + "x" * settings.AGENTSITE_MAX_REQUEST_BYTES + '"',
+                content_type="application/json",
+            ),
+        ),
         ("POST", decision, decide(anonymous, approval.pk, {"decision": "approve"})),
         ("POST", decision, decide(reviewer, own.pk, {"decision": "approve"})),
         ("POST", decision, decide(client_a, approval.pk, {"decision": "approve"})),
@@ -724,13 +805,13 @@ def test_the_schema_documents_every_status_the_approvals_api_answers(
     assert statuses == {
         ("GET", APPROVALS): {200, 400, 401, 403, 429},
         ("GET", item): {200, 401, 404, 429},
-        ("POST", decision): {200, 400, 401, 403, 404, 409, 415, 429},
+        ("POST", decision): {200, 400, 401, 403, 404, 409, 413, 415, 429},
     }
     for (method, path), codes in statuses.items():
         assert codes <= documented(method, path), (method, path, codes)
     for method, path, response in answered:  # and each body is what the schema says
         conforms(method, path, response)
-    assert documented("POST", decision) == {200, 400, 401, 403, 404, 409, 415, 429}
+    assert documented("POST", decision) == {200, 400, 401, 403, 404, 409, 413, 415, 429}
 
 
 def test_the_schema_documents_the_queue_filters_and_the_decision_body(documented):

@@ -85,6 +85,75 @@ def test_the_schema_documents_submission(schema):
     assert set(request["required"]) == {"agent", "input"}
 
 
+def test_every_error_response_is_documented_with_the_one_error_shape(schema):
+    errors = {
+        (method, path, code): response.get("content")
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if method in {"get", "post"}
+        for code, response in operation["responses"].items()
+        if code >= "400"
+    }
+    assert len(errors) > 30
+    shared = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    assert {where: content for where, content in errors.items() if content != shared} == {}
+    components = schema["components"]["schemas"]
+    assert components["ErrorResponse"]["required"] == ["error"]
+    detail = components["ErrorDetail"]
+    assert set(detail["properties"]) == set(detail["required"]) == {"code", "message", "fields"}
+    assert detail["properties"]["fields"]["additionalProperties"] == {
+        "type": "array",
+        "items": {"type": "string"},
+    }
+
+
+def test_the_schema_documents_the_body_errors_of_every_post(schema):
+    def documented(method, path):
+        return set(schema["paths"][path][method]["responses"])
+
+    assert {"400", "413", "415"} <= documented("post", "/api/v1/runs/")
+    assert {"400", "413", "415"} <= documented("post", "/api/v1/approvals/{id}/decision/")
+    assert "413" in documented("post", "/api/v1/runs/{id}/cancel/")
+
+
+def test_every_status_a_submission_answers_is_documented(schema, make_client, agent, settings):
+    client = make_client()
+    settings.AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY = 1
+
+    def post(body, **extra):
+        return client.post("/api/v1/runs/", body, content_type="application/json", **extra)
+
+    responses = [
+        post({"agent": "helper", "input": "x"}, HTTP_IDEMPOTENCY_KEY="k"),
+        post({"agent": "helper", "input": "y"}, HTTP_IDEMPOTENCY_KEY="k"),
+        post({"agent": "helper", "input": "z"}),  # over the cap on unfinished runs
+        post({"agent": "helper"}),
+        post('{"agent": "helper", "input": '),
+        post('{"agent": "helper", "input": ' + "[" * 1000 + "]" * 1000 + "}"),
+        post('{"agent": "helper", "input": "\\ud800"}'),
+        post('"' + "x" * settings.AGENTSITE_MAX_REQUEST_BYTES + '"'),
+        client.post("/api/v1/runs/", "agent=helper", content_type="text/plain"),
+        APIClient().post("/api/v1/runs/", {"agent": "helper", "input": "x"}, format="json"),
+    ]
+
+    answered = [response.status_code for response in responses]
+    assert answered == [202, 409, 429, 400, 400, 400, 400, 413, 415, 401]
+    documented = schema["paths"]["/api/v1/runs/"]["post"]["responses"]
+    assert {str(status) for status in answered} <= set(documented)
+    for response in responses[1:]:
+        assert_error(response, response.status_code)
+
+
+def test_the_events_endpoint_documents_its_stream_and_its_429(schema):
+    responses = schema["paths"]["/api/v1/runs/{id}/events/"]["get"]["responses"]
+    ok = responses["200"]["content"]
+    assert set(ok) == {"application/json", "text/event-stream"}
+    assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/EventPage"}
+    assert ok["text/event-stream"]["schema"] == {"type": "string"}
+    assert "Accept: text/event-stream" in responses["200"]["description"]
+    assert "streams" in responses["429"]["description"]
+
+
 def test_the_schema_documents_bearer_auth(schema):
     schemes = schema["components"]["securitySchemes"]
     assert {"type": "http", "scheme": "bearer"}.items() <= schemes["ApiKey"].items()

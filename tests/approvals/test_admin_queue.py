@@ -303,6 +303,42 @@ def test_invalid_json_in_an_edit_is_a_form_error_and_decides_nothing(make_agent,
     assert tool_step(approval.run_id).status == Step.Status.AWAITING_APPROVAL
 
 
+@pytest.mark.parametrize(
+    ("decision", "text", "message"),
+    [
+        (
+            "edit",
+            '{"expression": ' + "[" * 50_000 + "]" * 50_000 + "}",
+            "Nested more than 64 levels deep (arrays and objects).",
+        ),
+        (
+            "edit",
+            '{"expression": "6*\\ud800"}',
+            "Surrogate characters are not allowed: U+D800.",
+        ),
+        (
+            "approve",
+            '{"expression": ' + "[" * 50_000 + "]" * 50_000 + "}",
+            "You changed this: press “Edit, then approve” to use your version, or put the "
+            "proposal back to approve it as it is.",
+        ),
+    ],
+    ids=["edit-deep", "edit-surrogate", "approve-deep"],
+)
+def test_json_too_deep_or_with_a_lone_surrogate_is_a_form_error_and_decides_nothing(
+    make_agent, rclient, decision, text, message
+):
+    approval = hold(calc_agent(make_agent))
+    data = form_data(rclient.get(page(approval)))
+
+    response = rclient.post(page(approval), {**data, "decision": decision, "arguments": text})
+
+    assert response.status_code == 200
+    assert response.context["form"].errors["arguments"] == [message]
+    approval.refresh_from_db()
+    assert approval.status == "pending" and approval_actions(approval) == ["approval.requested"]
+
+
 def test_edited_arguments_that_fail_the_schema_or_the_grant_show_why(make_agent, rclient):
     agent = calc_agent(make_agent, grant={"constraints": {"expression": {"max_length": 5}}})
     approval = hold(agent)
