@@ -5,8 +5,9 @@ Signature header (documented in the README)::
     Agentsite-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">
 
 keyed with ``AGENTSITE_WEBHOOK_SECRET``. Receivers recompute it over the raw body and reject old
-timestamps. Only hosts in ``AGENTSITE_WEBHOOK_ALLOWED_HOSTS`` are ever contacted, so a client
-cannot make the server call arbitrary internal addresses.
+timestamps. Only hosts and ports in ``AGENTSITE_WEBHOOK_ALLOWED_HOSTS`` are ever contacted, and
+only at public addresses (``agentsite.outbound``: resolved once, checked, connected to), so a
+client cannot make the server call internal addresses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.db import transaction
 
+from agentsite import outbound
+
 from .exceptions import InvalidRunInput
 
 logger = logging.getLogger(__name__)
@@ -27,20 +30,8 @@ logger = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Agentsite-Signature"
 
 
-def host_allowed(host: str) -> bool:
-    host = host.lower().rstrip(".")
-    for allowed in settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS:
-        allowed = allowed.lower()
-        if allowed.startswith("."):
-            if host.endswith(allowed) or host == allowed[1:]:
-                return True
-        elif host == allowed:
-            return True
-    return False
-
-
-def check_webhook_url(url: str) -> None:
-    """Raise InvalidRunInput unless ``url`` is http(s) to an allowed host."""
+def _check_allowed(url: str) -> None:
+    """Raise InvalidRunInput unless ``url`` is http(s) to a host and port on the allowlist."""
     if not settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS:
         raise InvalidRunInput(
             "webhooks are disabled on this server (AGENTSITE_WEBHOOK_ALLOWED_HOSTS is empty)",
@@ -48,15 +39,54 @@ def check_webhook_url(url: str) -> None:
         )
     if len(url) > 1000:
         raise InvalidRunInput("webhook_url is at most 1000 characters", field="webhook_url")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise InvalidRunInput("webhook_url is not a valid URL", field="webhook_url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRunInput("webhook_url must be an http(s) URL", field="webhook_url")
+    try:
+        where = outbound.destination(url)
+    except ValueError as exc:  # e.g. a port out of range
+        raise InvalidRunInput(f"webhook_url is not a valid URL: {exc}", field="webhook_url")
     if parts.username or parts.password:
         raise InvalidRunInput("webhook_url must not carry credentials", field="webhook_url")
-    if not host_allowed(parts.hostname):
+    patterns = outbound.host_patterns(settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS, wildcard=".")
+    refused = outbound.refusal_by_allowlist(where, patterns)
+    if refused == "host":
         raise InvalidRunInput(
-            f"webhook host {parts.hostname!r} is not in the allowed list", field="webhook_url"
+            f"webhook host {where.host!r} is not in the allowed list", field="webhook_url"
         )
+    if refused == "port":
+        raise InvalidRunInput(
+            f"webhook port {where.port} of host {where.host!r} is not in the allowed list (a "
+            "host listed without a port allows only the default port, 80 for http and 443 for "
+            "https)",
+            field="webhook_url",
+        )
+
+
+def _target(url: str) -> outbound.Target:
+    """Resolve and check the webhook's host (agentsite.outbound). Raises InvalidRunInput when an
+    address is not public; DestinationUnresolved when the name does not resolve."""
+    try:
+        return outbound.pin(url)
+    except outbound.DestinationRefused as exc:
+        raise InvalidRunInput(f"webhook_url refused: {exc}", field="webhook_url") from None
+    except ValueError as exc:
+        raise InvalidRunInput(f"webhook_url is not a valid URL: {exc}", field="webhook_url")
+
+
+def check_webhook_url(url: str) -> None:
+    """Raise InvalidRunInput unless ``url`` is http(s) to an allowed host and port whose name
+    resolves to public addresses only. A DNS server failing for now is no reason to refuse:
+    delivery resolves and checks again."""
+    _check_allowed(url)
+    try:
+        _target(url)
+    except outbound.DestinationUnresolved as exc:
+        if not exc.temporary:
+            raise InvalidRunInput(f"webhook_url refused: {exc}", field="webhook_url") from None
 
 
 def sign(body: bytes, *, timestamp: int | None = None) -> str:
@@ -101,23 +131,29 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     ).encode()
     error = ""
     try:
-        check_webhook_url(run.webhook_url)  # the allowlist may have changed since submission
-        response = httpx.post(
-            run.webhook_url,
-            content=body,
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": "Agentsite-Webhook/1",
-                SIGNATURE_HEADER: sign(body),
-                "Agentsite-Delivery": f"{run.pk}:{attempt}",
-            },
-            timeout=settings.AGENTSITE_WEBHOOK_TIMEOUT,
-            follow_redirects=False,
-        )
+        _check_allowed(run.webhook_url)  # the allowlist may have changed since submission
+        target = _target(run.webhook_url)  # and what the name resolves to
+        with outbound.http_client(
+            timeout=settings.AGENTSITE_WEBHOOK_TIMEOUT, follow_redirects=False
+        ) as client:
+            response = client.post(
+                target.url,
+                content=body,
+                headers={
+                    **target.headers,
+                    "Content-Type": "application/json",
+                    "User-Agent": "Agentsite-Webhook/1",
+                    SIGNATURE_HEADER: sign(body),
+                    "Agentsite-Delivery": f"{run.pk}:{attempt}",
+                },
+                extensions=target.extensions,
+            )
         if not 200 <= response.status_code < 300:
             error = f"HTTP {response.status_code}"
     except InvalidRunInput as exc:
         error, final_attempt = str(exc), True
+    except outbound.DestinationUnresolved as exc:  # retried, even a name that does not exist
+        error = str(exc)
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
     status = "delivered" if not error else ("failed" if final_attempt else "pending")

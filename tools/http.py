@@ -1,13 +1,16 @@
 """The built-in ``http_get``: fetch a web page from a host the agent's grant allows.
 
-Defence in depth: the engine checks the URL against the grant's ``url.hosts`` rule before the
-call, and the tool checks it again, with every redirect it follows (same host only, at most
-``AGENTSITE_HTTP_GET_MAX_REDIRECTS``). The body is streamed and cut at
-``AGENTSITE_HTTP_GET_MAX_BYTES``; the whole call has a deadline a little under the tool's
-timeout (the worker's soft time limit stays the backstop, e.g. for a slow DNS lookup).
+Defence in depth: the engine checks the URL against the grant's ``url.hosts`` rule (host and
+port) before the call, and the tool checks it again, with every redirect it follows (same host
+only, at most ``AGENTSITE_HTTP_GET_MAX_REDIRECTS``). Each request resolves the host once,
+refuses it if any address is not public (``agentsite.outbound``), and connects to the checked
+address. The body is streamed and cut at ``AGENTSITE_HTTP_GET_MAX_BYTES``; the whole call has
+a deadline a little under the tool's timeout (the worker's soft time limit stays the backstop,
+e.g. for a slow DNS lookup).
 
-Failures worth retrying (connection errors, timeouts, 5xx and 429) raise TransientToolError;
-the rest (4xx, disallowed hosts, bad URLs, too many redirects) raise ToolError.
+Failures worth retrying (connection errors, timeouts, 5xx and 429, a DNS server failing) raise
+TransientToolError; the rest (4xx, disallowed hosts, ports or addresses, a name that does not
+exist, bad URLs, too many redirects) raise ToolError.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import httpx
 from django.conf import settings
 from pydantic import BaseModel, Field, field_validator
 
-from .constraints import host_allowed, url_host
+from agentsite import outbound
+
+from .constraints import url_host, url_not_allowed
 from .registry import ToolContext, ToolError, TransientToolError, tool
 
 TIMEOUT = 15
@@ -106,6 +111,27 @@ def _allowed_hosts(ctx: ToolContext) -> list[list[str]]:
             )
         allowlists.append([str(h) for h in hosts])
     return allowlists
+
+
+def _check_allowed(url: str, allowed: list[list[str]]) -> None:
+    for hosts in allowed:
+        refused = url_not_allowed(url, hosts)
+        if refused:
+            raise ToolError(refused)
+
+
+def _pin(url: str) -> outbound.Target:
+    """Resolve the URL's host and check its addresses (agentsite.outbound), for http_get."""
+    shown = _display(url)
+    try:
+        return outbound.pin(url)
+    except outbound.DestinationRefused as exc:
+        raise ToolError(f"cannot fetch {shown}: {exc}; http_get fetches public addresses only")
+    except outbound.DestinationUnresolved as exc:
+        error = TransientToolError if exc.temporary else ToolError
+        raise error(f"cannot fetch {shown}: {exc}")
+    except ValueError as exc:
+        raise ToolError(f"cannot fetch {shown}: {exc}")
 
 
 def _same_host_redirect(current: str, location: str) -> str:
@@ -191,19 +217,14 @@ def http_get(args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
     problem = _problem_with_url(url)
     if problem:
         raise ToolError(f"cannot fetch {_display(url)}: {problem}")
-    host = url_host(url) or ""
-    for hosts in allowed:
-        if not host_allowed(host, hosts):
-            raise ToolError(
-                f"host {host!r} is not allowed for this agent (allowed: {', '.join(hosts)})"
-            )
+    _check_allowed(url, allowed)
     server_limit = settings.AGENTSITE_HTTP_GET_MAX_BYTES
     limit = min(args.max_bytes or server_limit, server_limit)
     max_redirects = settings.AGENTSITE_HTTP_GET_MAX_REDIRECTS
     deadline = time.monotonic() + DEADLINE
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Accept": "*/*"}
 
-    with httpx.Client(follow_redirects=False, headers=headers) as client:
+    with outbound.http_client(follow_redirects=False, headers=headers) as client:
         redirects = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -212,8 +233,15 @@ def http_get(args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
             timeout = httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT, remaining))
             client.cookies.clear()  # never send back a cookie a redirect set
             shown = _display(url)
+            target = _pin(url)  # every hop: resolved once, checked, and connected to
             try:
-                with client.stream("GET", url, timeout=timeout) as response:
+                with client.stream(
+                    "GET",
+                    target.url,
+                    headers=target.headers,
+                    extensions=target.extensions,
+                    timeout=timeout,
+                ) as response:
                     status = response.status_code
                     if status in REDIRECT_STATUSES:
                         location = response.headers.get("location")
@@ -227,8 +255,7 @@ def http_get(args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
                         # Host, scheme and credentials are checked before anything is sent;
                         # the same host is allowed, but check the grant again all the same.
                         url = _same_host_redirect(url, location)
-                        if not all(host_allowed(url_host(url) or "", h) for h in allowed):
-                            raise ToolError(f"{_display(url)}: host not allowed for this agent")
+                        _check_allowed(url, allowed)
                         redirects += 1
                         continue
                     reason = f"{status} {response.reason_phrase}".strip()
@@ -262,6 +289,6 @@ def http_get(args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
             except httpx.InvalidURL:
                 raise ToolError(f"cannot fetch {shown}: not a valid URL")
             except httpx.TransportError as exc:
-                # Connection refused or reset, DNS failure, a broken TLS handshake, ...
+                # Connection refused or reset, a broken TLS handshake, ... (DNS is in _pin)
                 detail = str(exc) or "connection failed"
                 raise TransientToolError(f"could not fetch {shown}: {type(exc).__name__}: {detail}")

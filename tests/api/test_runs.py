@@ -7,6 +7,7 @@ published, and runs are advanced in-process with ``tests.conftest.drive`` where 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import uuid
 from datetime import datetime, timedelta
@@ -20,8 +21,9 @@ from django.test.client import AsyncClientHandler, FakePayload
 from django.utils import timezone
 
 from agents.models import AuditEvent, Run, Session
+from agentsite import outbound, rediskeys
 from agentsite.pagination import ClampedLimitOffsetPagination
-from tests.api.conftest import assert_error
+from tests.api.conftest import assert_error, nested
 from tests.conftest import drive
 
 pytestmark = pytest.mark.django_db
@@ -657,6 +659,92 @@ def test_a_nul_character_in_input_or_metadata_answers_400_not_500(client_a, agen
     assert not Run.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"agent": "helper", "input": ' + nested(400) + "}", "input"),
+        ('{"agent": "helper", "input": "x", "metadata": ' + nested(400) + "}", "metadata"),
+        ('{"agent": "helper", "input": {"a": ' + nested(100_000, "", "array") + "}}", "input"),
+        ('{"agent": "helper", "input": ' + nested(65) + "}", "input"),
+        ('{"agent": "helper", "input": "x", "budget": ' + nested(65) + "}", "budget"),
+        # Unclosed: refused for its depth before any parser recurses into it.
+        ('{"input": "x", "agent": "helper", "metadata": ' + "[" * 100_000, "metadata"),
+        ('{"agent": "helper", "input": {"a": "[[[[", "b": ' + nested(65) + "}}", "input"),
+    ],
+)
+def test_json_nested_too_deeply_answers_400_naming_the_field(client_a, agent, raw, field):
+    response = client_a.post(RUNS, raw, content_type="application/json")
+
+    error = assert_error(response, 400, "invalid", field=field)
+    assert error["message"] == f"{field}: Nested more than 64 levels deep (arrays and objects)."
+    assert not Run.objects.exists()
+
+
+def test_a_body_nested_too_deeply_outside_any_field_answers_400(client_a, agent):
+    response = client_a.post(RUNS, nested(100_000, "", "array"), content_type="application/json")
+
+    error = assert_error(response, 400, "invalid", field="non_field_errors")
+    assert "64 levels" in error["message"]
+
+
+def test_json_nested_to_the_limit_is_accepted_and_returned_as_sent(client_a, agent):
+    value = json.loads(nested(64))
+    # Brackets in strings are text, not nesting.
+    metadata = {"m": json.loads(nested(63)), "text": "[{" * 1000}
+    body = {"agent": "helper", "input": value, "metadata": metadata}
+
+    response = client_a.post(RUNS, json.dumps(body), content_type="application/json")
+
+    assert response.status_code == 202, response.content[:500]
+    run = Run.objects.get()
+    assert run.input == value and response.json()["input"] == value
+    assert client_a.get(f"{RUNS}{run.pk}/").json()["metadata"] == body["metadata"]
+
+
+def test_the_depth_limit_is_a_setting(client_a, agent, settings):
+    settings.AGENTSITE_MAX_JSON_DEPTH = 3
+    ok = {"agent": "helper", "input": json.loads(nested(3))}
+    assert post_run(client_a, ok).status_code == 202
+
+    too_deep = {"agent": "helper", "input": json.loads(nested(4))}
+    error = assert_error(post_run(client_a, too_deep), 400, "invalid", field="input")
+    assert "3 levels" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (r'{"agent": "helper", "input": "a\ud800b"}', "input"),
+        (r'{"agent": "helper", "input": {"text": ["x", {"y": "\udfff"}]}}', "input"),
+        (r'{"agent": "helper", "input": {"a\ud800": "text"}}', "input"),
+        (r'{"agent": "helper", "input": "x", "metadata": {"tag": "\uDC00"}}', "metadata"),
+        (r'{"agent": "helper", "input": "x", "metadata": {"\ud83d": 1}}', "metadata"),
+        (r'{"agent": "helper", "input": "x", "on_conflict": "\ud800"}', "on_conflict"),
+        (r'{"agent": "helper", "input": "x", "\ud800": 1}', "\\ud800"),
+        # The high half of a pair alone, then the low half alone.
+        (r'{"agent": "helper", "input": "\ude00\ud83d"}', "input"),
+    ],
+)
+def test_a_lone_surrogate_answers_400_naming_the_field(client_a, agent, raw, field):
+    response = client_a.post(RUNS, raw, content_type="application/json")
+
+    error = assert_error(response, 400, "invalid", field=field)
+    assert "Surrogate characters are not allowed: U+D" in error["message"]
+    assert error["message"].startswith(f"{field}: ")
+    assert not Run.objects.exists()
+
+
+def test_a_surrogate_pair_is_a_character_and_is_accepted(client_a, agent):
+    raw = json.dumps({"agent": "helper", "input": {"q": "smile 😀"}, "metadata": {"e": "😀"}})
+    assert r"\ud83d\ude00" in raw  # sent as an escaped surrogate pair
+
+    response = client_a.post(RUNS, raw, content_type="application/json")
+
+    assert response.status_code == 202, response.content
+    run = Run.objects.get()
+    assert run.input == {"q": "smile 😀"} and run.metadata == {"e": "😀"}
+
+
 def test_oversized_metadata_answers_400(client_a, agent):
     body = {"agent": "helper", "input": "x", "metadata": {"blob": "m" * 17_000}}
     error = assert_error(post_run(client_a, body), 400, "invalid", field="metadata")
@@ -843,6 +931,9 @@ def test_a_session_key_used_with_another_agent_answers_400(client_a, agent, make
 
 # --- webhooks -----------------------------------------------------------------------------------
 
+HOOK = "https://hooks.example.com/agentsite"
+PUBLIC_ADDRESS = "93.184.215.14"  # what `fake_dns` resolves the tests' receivers to: never sent to
+
 
 def test_a_webhook_when_webhooks_are_disabled_answers_400(client_a, agent, settings):
     settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = []
@@ -858,14 +949,25 @@ def test_a_webhook_when_webhooks_are_disabled_answers_400(client_a, agent, setti
     "url",
     [
         "https://hooks.example.com/agentsite",
-        "http://hooks.example.com:8080/x?y=1",
+        "https://hooks.example.com:443/default-port",
+        "http://hooks.example.com/plain",
         "https://HOOKS.example.com/upper",
         "https://example.org/root",
         "https://a.b.example.org/deep",
+        "http://hooks.example.net:8080/x?y=1",
+        "https://a.example.io:9443/any-port",
     ],
 )
-def test_webhooks_to_allowed_hosts_are_accepted(client_a, agent, settings, url):
-    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com", ".example.org"]
+def test_webhooks_to_allowed_hosts_are_accepted(client_a, agent, settings, fake_dns, url):
+    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = [
+        "hooks.example.com",
+        ".example.org",
+        "hooks.example.net:8080",
+        ".example.io:*",
+    ]
+    for name in ("hooks.example.com", "example.org", "a.b.example.org", "hooks.example.net"):
+        fake_dns[name] = [PUBLIC_ADDRESS]
+    fake_dns["a.example.io"] = [PUBLIC_ADDRESS, "2606:2800:21f:cb07:6820:80da:af6b:8b2c"]
 
     body = submit(client_a, webhook_url=url).json()
 
@@ -882,6 +984,10 @@ def test_webhooks_to_allowed_hosts_are_accepted(client_a, agent, settings, url):
         ("https://evilexample.org/", "not in the allowed list"),
         ("http://127.0.0.1/", "not in the allowed list"),
         ("http://localhost:8000/", "not in the allowed list"),
+        # A host listed without a port allows only the scheme's default port.
+        ("http://hooks.example.com:6379/", "webhook port 6379 of host 'hooks.example.com'"),
+        ("https://hooks.example.com:80/", "webhook port 80 of host 'hooks.example.com'"),
+        ("https://hooks.example.com:99999/", "not a valid URL"),
         ("ftp://hooks.example.com/file", "http(s)"),
         ("https://user:secret@hooks.example.com/", "credentials"),
         ("https://user@hooks.example.com/", "credentials"),
@@ -900,6 +1006,53 @@ def test_webhooks_to_other_hosts_schemes_or_with_credentials_answer_400(
 
     assert words in error["message"]
     assert not Run.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("addresses", "words"),
+    [
+        (["10.0.0.7"], "'hooks.example.com' resolves to 10.0.0.7, a private address"),
+        ([PUBLIC_ADDRESS, "127.0.0.1"], "resolves to 127.0.0.1, a loopback address"),
+        (["169.254.169.254"], "resolves to 169.254.169.254, a link-local address"),
+        (["::ffff:10.0.0.7"], "a private address"),
+        ([], "'hooks.example.com' does not resolve to an address"),
+    ],
+)
+def test_a_webhook_host_resolving_to_a_non_public_address_answers_400(
+    client_a, agent, settings, fake_dns, addresses, words
+):
+    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com"]
+    if addresses:
+        fake_dns["hooks.example.com"] = addresses  # else it does not exist
+
+    error = assert_error(
+        post_run(client_a, {"agent": "helper", "input": "x", "webhook_url": HOOK}),
+        400,
+        field="webhook_url",
+    )
+
+    assert words in error["message"]
+    assert not Run.objects.exists()
+
+
+def test_a_webhook_address_in_an_allowed_network_is_accepted(client_a, agent, settings):
+    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["10.0.0.7:8080"]
+    url = "http://10.0.0.7:8080/hook"
+    assert_error(post_run(client_a, {"agent": "helper", "input": "x", "webhook_url": url}), 400)
+    settings.AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = ["10.0.0.0/24"]
+    assert submit(client_a, webhook_url=url).json()["webhook"]["url"] == url
+
+
+def test_a_dns_server_failing_at_submission_is_no_reason_to_refuse_a_webhook(
+    client_a, agent, settings, monkeypatch
+):
+    settings.AGENTSITE_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com"]
+
+    def failing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(outbound, "resolver", failing)
+    assert submit(client_a, webhook_url=HOOK).json()["webhook"]["status"] == "pending"
 
 
 @pytest.mark.parametrize("url", ["javascript:alert(1)", "file:///etc/passwd", "gopher://x.org/"])
@@ -971,7 +1124,7 @@ def test_the_request_rate_limit_answers_429_with_retry_after(make_client, agent,
     assert not Run.objects.exists()
     assert other.get(RUNS).status_code == 200  # another key has its own bucket
     counter = redis.Redis.from_url(settings.REDIS_URL)
-    bucket = f"agentsite:rate:key:{client.api_key.prefix}"
+    bucket = rediskeys.key(f"rate:key:{client.api_key.prefix}")
     assert int(counter.get(bucket)) == 5
     assert 0 < counter.pttl(bucket) <= 60_000
 

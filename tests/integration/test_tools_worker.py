@@ -24,7 +24,7 @@ from tools.models import OutboxMessage
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-LOCAL = {"url": {"hosts": ["127.0.0.1"]}}
+LOCAL = {"url": {"hosts": ["127.0.0.1:*"]}}  # the worker allows loopback (tests/conftest.py)
 
 
 class Upstream(BaseHTTPRequestHandler):

@@ -30,6 +30,31 @@ SCHEMA = {"properties": {"amount": {}, "url": {}, "to": {}, "currency": {}, "not
             "not allowed",
         ),
         ({"url": "ftp://example.com/"}, {"url": {"hosts": ["example.com"]}}, "http or https"),
+        # A host without a port allows only the scheme's default port.
+        ({"url": "https://docs.example.com:443/"}, {"url": {"hosts": ["docs.example.com"]}}, None),
+        (
+            {"url": "http://127.0.0.1:6379/"},
+            {"url": {"hosts": ["127.0.0.1"]}},
+            "port 6379 of host '127.0.0.1' is not allowed for this agent",
+        ),
+        (
+            {"url": "https://docs.example.com:80/"},
+            {"url": {"hosts": ["docs.example.com"]}},
+            "port 80 of host 'docs.example.com' is not allowed",
+        ),
+        ({"url": "http://a.example.org:8080/"}, {"url": {"hosts": ["*.example.org:8080"]}}, None),
+        ({"url": "http://127.0.0.1:6379/"}, {"url": {"hosts": ["127.0.0.1:*"]}}, None),
+        ({"url": "http://[::1]:8080/"}, {"url": {"hosts": ["[::1]:8080"]}}, None),
+        (
+            {"url": "http://[::1]:8081/"},
+            {"url": {"hosts": ["[::1]:8080"]}},
+            "port 8081 of host '::1' is not allowed",
+        ),
+        (
+            {"url": "http://docs.example.com:99999/"},
+            {"url": {"hosts": ["docs.example.com:*"]}},
+            "the URL cannot be fetched: not a valid URL",
+        ),
         (
             {"to": ["a@example.com", "b@example.com"]},
             {"to": {"email_domains": ["example.com"]}},
@@ -63,6 +88,16 @@ def test_check(arguments, constraints, problem):
         ({"amount": {}}, "amount: rules are a non-empty JSON object."),
         ({"note": {"pattern": "(["}}, "note.pattern: not a valid regular expression"),
         ({"url": {"hosts": []}}, "url.hosts: a non-empty list of host names."),
+        (
+            {"url": {"hosts": ["docs.example.com:99999"]}},
+            "url.hosts: 'docs.example.com:99999': the port must be a number from 1 to 65535",
+        ),
+        (
+            {"url": {"hosts": ["https://docs.example.com/"]}},
+            "url.hosts: 'https://docs.example.com/': a host name with an optional :port, not a URL",
+        ),
+        ({"url": {"hosts": ["::1"]}}, "url.hosts: '::1': write an IPv6 address in brackets"),
+        ({"url": {"hosts": [".example.com"]}}, "'.example.com': not a host name"),
         ({"currency": {"one_of": "EUR"}}, "currency.one_of: a non-empty list"),
         ({"note": {"max_length": -1}}, "note.max_length: a whole number"),
         ([1], "Constraints are a JSON object"),
@@ -78,7 +113,11 @@ def test_valid_constraints_have_no_errors():
     assert constraint_errors(None, SCHEMA) == []
     assert (
         constraint_errors(
-            {"amount": {"min": 0, "max": 50}, "url": {"hosts": ["*.example.com"]}}, SCHEMA
+            {
+                "amount": {"min": 0, "max": 50},
+                "url": {"hosts": ["*.example.com", "docs.example.org:8443", "[::1]:*"]},
+            },
+            SCHEMA,
         )
         == []
     )

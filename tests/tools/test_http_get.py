@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import socket
+import ssl
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agentsite import outbound
+from tests.conftest import LOOPBACK_NETWORKS
 from tools import http as http_tool
 from tools.http import HttpGetArgs, _same_host_redirect, http_get
 from tools.registry import (
@@ -45,7 +50,13 @@ def ctx(hosts: list[str] | None = None, **constraints: Any) -> ToolContext:
     )
 
 
-CTX = ctx(["127.0.0.1"])
+# The test servers listen on random ports of 127.0.0.1, a loopback address (see `loopback`).
+CTX = ctx(["127.0.0.1:*"])
+
+
+@pytest.fixture(autouse=True)
+def loopback(settings):
+    settings.AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = LOOPBACK_NETWORKS
 
 
 @dataclass
@@ -125,6 +136,8 @@ class Handler(BaseHTTPRequestHandler):
             self._redirect(f"ftp://127.0.0.1:{site.port}/file")
         elif path == "/redirect-cookie":
             self._redirect("/echo", Set_Cookie="session=s3cret; Path=/")
+        elif path.startswith("/to-port/"):
+            self._redirect(f"http://127.0.0.1:{path.rpartition('/')[2]}/text")
         elif path == "/redirect-no-location":
             self._send(302)
         elif path == "/loop":
@@ -319,7 +332,7 @@ def test_redirect_on_the_same_host_is_followed(site):
 def test_redirect_to_another_host_is_not_followed(site):
     # localhost and 127.0.0.1 are different host names, even though both reach this server;
     # the redirect is refused even when both are on the allowlist.
-    for context in (CTX, ctx(["127.0.0.1", "localhost"])):
+    for context in (CTX, ctx(["127.0.0.1:*", "localhost:*"])):
         err = fetch_error(site.url("/redirect-other-host"), context)
         assert not isinstance(err, TransientToolError)
         assert "another host, 'localhost'" in str(err)
@@ -396,12 +409,202 @@ def test_host_not_on_the_allowlist_is_refused(site):
     assert site.requests == []
 
 
+def test_a_port_not_on_the_allowlist_is_refused(site):
+    # A host without a port allows only the scheme's default port (80 for http).
+    err = fetch_error(site.url("/text"), ctx(["127.0.0.1"]))
+    assert f"port {site.port} of host '127.0.0.1' is not allowed for this agent" in str(err)
+    assert not isinstance(err, TransientToolError)
+    assert "'127.0.0.1:*' is not" not in str(err)
+    assert site.requests == []
+    assert fetch(site.url("/text"), ctx([f"127.0.0.1:{site.port}"]))["status"] == 200
+    assert fetch(site.url("/text"), ctx([f"127.0.0.1:{site.port + 1}", "127.0.0.1:*"]))["status"]
+
+
+def test_a_redirect_to_another_port_must_be_allowed_too(site):
+    # Same host, another port: followed only when the allowlist names that port as well.
+    here = f"127.0.0.1:{site.port}"
+    err = fetch_error(site.url(f"/to-port/{site.port + 1}"), ctx([here]))
+    assert f"port {site.port + 1} of host '127.0.0.1' is not allowed" in str(err)
+    assert site.paths() == [f"/to-port/{site.port + 1}"]
+
+
 def test_url_with_credentials_is_refused_even_without_validation(site):
     args = HttpGetArgs.model_construct(url=site.url("/text", host="bot:hunter2@127.0.0.1"))
     with pytest.raises(ToolError) as info:
         http_get(args, CTX)
     assert "user name or password" in str(info.value) and "hunter2" not in str(info.value)
     assert site.requests == []
+
+
+# --- addresses: resolved once, checked, connected to ---------------------------------------------
+
+
+def test_loopback_is_refused_unless_its_network_is_allowed(site, settings):
+    settings.AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = []
+    err = fetch_error(site.url("/text"))
+    assert str(err) == (
+        f"cannot fetch {site.url('/text')}: 127.0.0.1 is a loopback address, which may not be "
+        "contacted; http_get fetches public addresses only"
+    )
+    assert type(err) is ToolError
+    assert site.requests == []
+
+
+@pytest.mark.parametrize(
+    ("addresses", "words"),
+    [
+        (["10.1.2.3"], "'intranet.example.com' resolves to 10.1.2.3, a private address"),
+        (["169.254.169.254"], "resolves to 169.254.169.254, a link-local address"),
+        # One public address is not enough: every address the name has must be public.
+        (["93.184.215.14", "127.0.0.1"], "resolves to 127.0.0.1, a loopback address"),
+        (["::ffff:127.0.0.1"], "a loopback address"),
+    ],
+)
+def test_a_name_resolving_to_a_non_public_address_is_refused(
+    site, settings, fake_dns, addresses, words
+):
+    settings.AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = []
+    fake_dns["intranet.example.com"] = addresses
+    err = fetch_error(site.url("/text", host="intranet.example.com"), ctx(["*.example.com:*"]))
+    assert words in str(err) and type(err) is ToolError
+    assert site.requests == []
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_name_as_host(site, fake_dns):
+    # "pinned.test" exists only in the test's resolver: the fetch works only if http_get
+    # connects to the address it checked instead of resolving the name a second time.
+    fake_dns["pinned.test"] = ["127.0.0.1"]
+    result = fetch(site.url("/echo", host="pinned.test"), ctx(["pinned.test:*"]))
+    assert result["url"] == site.url("/echo", host="pinned.test")
+    sent = {name.lower(): value for name, value in json.loads(result["text"]).items()}
+    assert sent["host"] == f"pinned.test:{site.port}"
+
+
+def test_every_redirect_hop_is_resolved_and_checked_again(site, settings, monkeypatch):
+    # The name rebinds between the first request and the redirect it answers.
+    answers = iter([["127.0.0.1"], ["10.9.8.7"]])
+    monkeypatch.setattr(outbound, "resolver", lambda host, port: next(answers))
+    err = fetch_error(site.url("/redirect", host="rebind.test"), ctx(["rebind.test:*"]))
+    assert "'rebind.test' resolves to 10.9.8.7, a private address" in str(err)
+    assert site.paths() == ["/redirect"]
+
+
+def test_a_name_that_does_not_exist_is_a_permanent_error(site, fake_dns):
+    err = fetch_error(site.url("/text", host="nxdomain.test"), ctx(["nxdomain.test:*"]))
+    assert type(err) is ToolError
+    assert "'nxdomain.test' does not resolve to an address" in str(err)
+
+
+def test_a_failing_dns_server_is_a_transient_error(site, monkeypatch):
+    def failing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(outbound, "resolver", failing)
+    with pytest.raises(TransientToolError, match="could not resolve 'flaky.test'"):
+        fetch(site.url("/text", host="flaky.test"), ctx(["flaky.test:*"]))
+
+
+def _certificate_authority(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA certificate, and a certificate and key for ``name`` signed by it (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key, issuer: str, issuer_key, *, ca: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                critical=False,
+            )
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),  # fmt: skip
+                critical=True,
+            )
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
+            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_cert = build("Agentsite test CA", ca_key, "Agentsite test CA", ca_key, ca=True)
+    leaf = build(name, leaf_key, "Agentsite test CA", ca_key, ca=False)
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.fixture
+def tls_site(tmp_path, monkeypatch) -> Iterator[Site]:
+    """The test site over HTTPS with a certificate for tls.test, which SSL_CERT_FILE trusts."""
+    ca, cert, key = _certificate_authority(tmp_path, "tls.test")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.site = Site(port=server.server_address[1])  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server.site  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_https_to_the_checked_address_verifies_the_certificate_for_the_name(tls_site, fake_dns):
+    # Connected to 127.0.0.1, TLS still sends and verifies the name (SNI, certificate).
+    fake_dns["tls.test"] = ["127.0.0.1"]
+    url = f"https://tls.test:{tls_site.port}/echo"
+    result = fetch(url, ctx(["tls.test:*"]))
+    sent = {name.lower(): value for name, value in json.loads(result["text"]).items()}
+    assert result["url"] == url and sent["host"] == f"tls.test:{tls_site.port}"
+
+    # Another name at the same address: the certificate is not for it, and nothing is sent.
+    fake_dns["other.test"] = ["127.0.0.1"]
+    err = fetch_error(f"https://other.test:{tls_site.port}/echo", ctx(["other.test:*"]))
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err) and "other.test" in str(err)
+    assert tls_site.paths() == ["/echo"]
 
 
 # --- errors ------------------------------------------------------------------------------------
