@@ -1105,7 +1105,12 @@ def _record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> N
     dispatched = held = 0
     for offset, call in enumerate(response.tool_calls, start=1):
         verdict = policy.authorize(
-            run, call.name, call.arguments, arguments_error=call.arguments_error, live=live
+            run,
+            call.name,
+            call.arguments,
+            arguments_error=call.arguments_error,
+            live=live,
+            step_index=model_step.index + offset,
         )
         if verdict.refusal:
             status = Step.Status.REFUSED

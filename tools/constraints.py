@@ -11,10 +11,19 @@ absent (optional and not given) passes. Rules:
 ``one_of``             a list of allowed values
 ``pattern``            a regular expression the whole string must match
 ``max_length``         the longest string (or list) allowed
-``hosts``              allowed URL hosts (http/https only); ``*.example.com`` allows subdomains
+``hosts``              allowed URL hosts and ports (http/https only): ``docs.example.com`` (the
+                       default port of the scheme), ``host:8080``, ``host:*`` (any port),
+                       ``[2001:db8::1]:8080``; ``*.example.com`` allows subdomains
 ``email_domains``      allowed domains of e-mail addresses (same wildcard form)
 ``approve_above``      not a limit but an escalation: a number above it needs a reviewer's
                        approval even when the grant's mode is ``allow``
+``sum_max``            the argument's running total over the run's (or session's) calls
+``approve_sum_above``  a running total above it needs a reviewer's approval
+``per``                ``run`` (default) or ``session``: where the running totals are kept
+``max_calls``          under the key ``"*"`` (the call itself): the most calls per run or session
+
+The running totals are kept by tools.cumulative (read under the run's lock); this module checks
+each call on its own.
 """
 
 from __future__ import annotations
@@ -25,6 +34,10 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
+from agentsite import outbound
+
+from . import cumulative
+
 RULES = (
     "min",
     "max",
@@ -34,7 +47,11 @@ RULES = (
     "hosts",
     "email_domains",
     "approve_above",
+    *cumulative.SUM_RULES,
+    "per",
 )
+# Rules of the call itself, under the constraints key "*" (tools.cumulative.CALL).
+CALL_RULES = (*cumulative.CALL_RULES, "per")
 
 
 def _is_number(value: Any) -> bool:
@@ -65,6 +82,9 @@ def constraint_errors(constraints: Any, parameters_schema: Mapping[str, Any]) ->
     known = set(properties)
     problems: list[str] = []
     for argument, rules in constraints.items():
+        if argument == cumulative.CALL:
+            problems.extend(_call_rule_errors(rules))
+            continue
         if known and argument not in known:
             problems.append(
                 f"{argument!r} is not an argument of this tool (it takes: "
@@ -77,16 +97,53 @@ def constraint_errors(constraints: Any, parameters_schema: Mapping[str, Any]) ->
         for rule, value in rules.items():
             problems.extend(_rule_errors(argument, rule, value))
             types = _schema_types(properties.get(argument) or {})
-            numeric = rule in ("min", "max", "approve_above")
+            numeric = rule in ("min", "max", "approve_above", *cumulative.SUM_RULES)
             if numeric and types and not types & {"number", "integer"}:
                 problems.append(f"{argument}.{rule}: {argument} is not a number.")
+        problems.extend(_per_errors(argument, rules))
     return problems
+
+
+def _per_errors(where: str, rules: Mapping[str, Any]) -> list[str]:
+    if "per" not in rules:
+        return []
+    if rules["per"] not in cumulative.SCOPES:
+        return [f"{where}.per: {' or '.join(cumulative.SCOPES)}."]
+    if not cumulative.is_cumulative(rules):
+        return [
+            f"{where}.per: says where running totals are kept; give sum_max, "
+            'approve_sum_above or (under "*") max_calls with it.'
+        ]
+    return []
+
+
+def _call_rule_errors(rules: Any) -> list[str]:
+    """The rules of the call itself (``"*"``): ``max_calls`` and ``per``."""
+    where = cumulative.CALL
+    if not isinstance(rules, dict) or not rules:
+        return [f'"{where}": rules are a non-empty JSON object, e.g. {{"max_calls": 10}}.']
+    problems = [
+        f'"{where}".{rule}: unknown rule for the call itself; use {", ".join(CALL_RULES)}.'
+        for rule in rules
+        if rule not in CALL_RULES
+    ]
+    most = rules.get("max_calls")
+    if "max_calls" in rules and not (
+        isinstance(most, int) and not isinstance(most, bool) and most >= 0
+    ):
+        problems.append(f'"{where}".max_calls: a whole number, 0 or more.')
+    return problems + _per_errors(f'"{where}"', rules)
 
 
 def _rule_errors(argument: str, rule: str, value: Any) -> list[str]:
     where = f"{argument}.{rule}"
     if rule not in RULES:
-        return [f"{where}: unknown rule; use one of {', '.join(RULES)}."]
+        hint = ' (max_calls goes under "*", the call itself)' if rule == "max_calls" else ""
+        return [f"{where}: unknown rule; use one of {', '.join(RULES)}{hint}."]
+    if rule in cumulative.SUM_RULES and not (_is_number(value) and value >= 0):
+        return [f"{where}: a number, 0 or more."]
+    if rule == "per":
+        return []  # checked with the rules beside it (_per_errors)
     if rule in ("min", "max", "approve_above") and not _is_number(value):
         return [f"{where}: a number."]
     if rule == "max_length" and not (isinstance(value, int) and value >= 0):
@@ -104,6 +161,14 @@ def _rule_errors(argument: str, rule: str, value: Any) -> list[str]:
         isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
     ):
         return [f"{where}: a non-empty list of host names."]
+    if rule == "hosts":
+        problems = []
+        for entry in value:
+            try:
+                outbound.parse_host_pattern(entry, wildcard="*.")
+            except ValueError as exc:
+                problems.append(f"{where}: {entry!r}: {exc}.")
+        return problems
     return []
 
 
@@ -133,6 +198,26 @@ def url_host(url: str) -> str | None:
     return parts.hostname
 
 
+def url_not_allowed(url: str, allowed: Iterable[str]) -> str | None:
+    """Why the http(s) ``url`` is not allowed by a ``hosts`` allowlist, or None if it is."""
+    try:
+        where = outbound.destination(url)
+    except ValueError as exc:
+        return f"the URL cannot be fetched: {exc}"
+    entries = [allowed] if isinstance(allowed, str) else [str(entry) for entry in allowed]
+    refused = outbound.refusal_by_allowlist(where, outbound.host_patterns(entries, wildcard="*."))
+    listed = ", ".join(entries)
+    if refused == "port":
+        return (
+            f"port {where.port} of host {where.host!r} is not allowed for this agent (allowed: "
+            f"{listed}; a host without a port allows only the default port, 80 for http and "
+            "443 for https)"
+        )
+    if refused == "host":
+        return f"host {where.host!r} is not allowed for this agent (allowed: {listed})"
+    return None
+
+
 def _check_value(argument: str, rule: str, limit: Any, value: Any) -> str | None:
     if rule in ("min", "max") and not _is_number(value):
         # A rule the value cannot be checked against refuses the call; it never waves it by.
@@ -150,11 +235,9 @@ def _check_value(argument: str, rule: str, limit: Any, value: Any) -> str | None
     if rule == "max_length" and isinstance(value, str) and len(value) > limit:
         return f"{argument} is {len(value)} characters; the most allowed is {limit}"
     if rule == "hosts":
-        host = url_host(value) if isinstance(value, str) else None
-        if host is None:
+        if not isinstance(value, str) or url_host(value) is None:
             return f"{argument} must be an http or https URL"
-        if not host_allowed(host, limit):
-            return f"host {host!r} is not allowed for this agent (allowed: {', '.join(limit)})"
+        return url_not_allowed(value, limit)
     if rule == "email_domains":
         domain = value.rpartition("@")[2] if isinstance(value, str) and "@" in value else ""
         if not host_allowed(domain, limit):
@@ -162,9 +245,16 @@ def _check_value(argument: str, rule: str, limit: Any, value: Any) -> str | None
     return None
 
 
+# Rules that are not checked against each value here: escalations, and the running totals
+# (tools.cumulative).
+_NOT_PER_VALUE = ("approve_above", *cumulative.SUM_RULES, "per")
+
+
 def check(arguments: Mapping[str, Any], constraints: Mapping[str, Any] | None) -> str | None:
     """The first constraint the (validated) arguments break, as a message for the model."""
     for argument, rules in (constraints or {}).items():
+        if argument == cumulative.CALL or not isinstance(rules, Mapping):
+            continue
         if argument not in arguments or arguments[argument] is None:
             continue
         value = arguments[argument]
@@ -176,7 +266,7 @@ def check(arguments: Mapping[str, Any], constraints: Mapping[str, Any] | None) -
         else:
             values = [value]
         for rule, limit in rules.items():
-            if rule == "approve_above" or (rule == "max_length" and isinstance(value, list)):
+            if rule in _NOT_PER_VALUE or (rule == "max_length" and isinstance(value, list)):
                 continue
             for item in values:
                 problem = _check_value(argument, rule, limit, item)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import breaker
+from . import breaker, cumulative
 from .constraints import approval_needed, check
 from .models import Tool, ToolGrant
 from .registry import ToolArgumentsInvalid, ToolSpec, registry
@@ -80,8 +80,11 @@ def authorize(
     *,
     arguments_error: str = "",
     live: dict[str, ToolGrant] | None = None,
+    step_index: int | None = None,
 ) -> Authorization:
-    """Decide one tool call of ``run``. Nothing here executes the tool."""
+    """Decide one tool call of ``run`` (the step at ``step_index``; None when it is not
+    recorded yet). Nothing here executes the tool. A grant's running totals (``sum_max``,
+    ``approve_sum_above``, ``max_calls``: tools.cumulative) are read under the run's lock."""
     frozen = version_grants(run.agent_version).get(name)
     grant = (live if live is not None else live_grants(run.agent_id)).get(name)
     if frozen is None or grant is None:
@@ -112,6 +115,12 @@ def authorize(
             )
     modes = {frozen.get("mode"), grant.mode}
     escalation = next((why for r in rule_sets if (why := approval_needed(validated, r))), "")
+    if cumulative.has_cumulative(rule_sets):
+        running = cumulative.check(run, name, validated, rule_sets, step_index=step_index)
+        if running.refusal:
+            refusal = f"arguments for {name} break the agent's grant: {running.refusal}"
+            return Authorization(spec=spec, refusal=refusal)
+        escalation = escalation or running.approval_reason
     mode = (
         ToolGrant.Mode.REQUIRE_APPROVAL
         if ToolGrant.Mode.REQUIRE_APPROVAL in modes or escalation

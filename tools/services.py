@@ -174,7 +174,7 @@ def _tool_step(step: Step) -> ToolOutcome:
         return ToolOutcome()
     run = step.run  # loaded with its version by the claim
     arguments = step.request.get("arguments")
-    verdict = policy.authorize(run, spec.name, arguments)
+    verdict = policy.authorize(run, spec.name, arguments, step_index=step.index)
     if verdict.refusal:
         _record(step, error=verdict.refusal, latency_ms=None, refused=True)
         return ToolOutcome()

@@ -79,19 +79,30 @@ AGENTS.append(
         "slug": "refund-agent",
         "name": "Refund agent",
         "description": (
-            "Refunds orders; a refund above 50 EUR waits for a human reviewer (the review "
-            "queue in the admin)."
+            "Refunds orders; a refund above 50 EUR, or past 100 EUR in a run, waits for a human "
+            "reviewer (the review queue in the admin); at most 500 EUR and 5 refunds a run."
         ),
         "model_route": "scripted:demo",
         "system_prompt": (
             "You handle refund requests. Refund with the issue_refund tool; refunds above "
             "50 EUR are checked by a human first. Ask a human (escalate_to_human) when unsure."
         ),
-        # Up to 500 EUR; above 50 EUR each refund needs a reviewer's approval.
+        # Up to 500 EUR a refund and 500 EUR a run, five refunds a run at most; a refund above
+        # 50 EUR, or one that takes the run's total above 100 EUR, needs a reviewer's approval
+        # (so splitting a large refund into small ones gets it reviewed all the same).
         "tools": {
             "issue_refund": {
                 "mode": "allow",
-                "constraints": {"amount": {"max": 500, "approve_above": 50}},
+                "constraints": {
+                    "amount": {
+                        "max": 500,
+                        "approve_above": 50,
+                        "sum_max": 500,
+                        "approve_sum_above": 100,
+                        "per": "run",
+                    },
+                    "*": {"max_calls": 5, "per": "run"},
+                },
             },
             "escalate_to_human": "require_approval",
         },
