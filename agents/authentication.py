@@ -8,6 +8,8 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
+from agentsite import authfailures
+
 from . import apikeys
 
 
@@ -21,11 +23,18 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != self.keyword.lower():
             return None
+        # A client over its failed-authentication limit is not even checked (a valid key too:
+        # it cannot be told from a guess without checking it).
+        wait = authfailures.seconds_blocked(request)
+        if wait is not None:
+            raise exceptions.Throttled(wait, authfailures.MESSAGE)
         token = token.strip()
         if not token:
+            authfailures.record_failure(request)
             raise exceptions.AuthenticationFailed("The Authorization header has no key.")
         key = apikeys.lookup(token)
         if key is None:
+            authfailures.record_failure(request)
             raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
         return key.user, key
 

@@ -5,7 +5,8 @@ gets the JSON page from the API view. The stream is an async generator: served u
 (uvicorn, as the README deploys it) it holds no thread while it waits, only a coroutine. It
 reads new audit events every ``AGENTSITE_EVENTS_POLL_SECONDS``, sends a comment every 15 s to
 keep proxies from closing it, ends after the run's final event, and resumes from
-``Last-Event-ID`` (or ``?after=``) when a client reconnects.
+``Last-Event-ID`` (or ``?after=``) when a client reconnects. A key (or an admin user) has at
+most ``AGENTSITE_MAX_STREAMS_PER_KEY`` streams open at once, across processes (streamslots).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
-from agentsite import metrics
+from agentsite import authfailures, metrics
 from agentsite.errors import error_body
 from agentsite.ratelimit import bucket_for, seconds_to_wait
 
-from . import apikeys
+from . import apikeys, streamslots
 from .api import EVENTS_PAGE, RunViewSet, run_events
 from .models import ApiKey, Run
 from .serializers import EventSerializer
@@ -41,15 +42,39 @@ def _wants_stream(request: HttpRequest) -> bool:
     return "text/event-stream" in request.headers.get("Accept", "")
 
 
+class _Refused(Exception):
+    def __init__(self, response: JsonResponse) -> None:
+        self.response = response
+
+
+def _unauthenticated(code: str, message: str) -> _Refused:
+    return _Refused(
+        JsonResponse(error_body(code, message), status=401, headers={"WWW-Authenticate": "Bearer"})
+    )
+
+
 async def _caller(request: HttpRequest) -> tuple[Any, ApiKey | None]:
-    """(user, API key) as ApiKeyAuthentication or the admin session would find them."""
+    """(user, API key) as ApiKeyAuthentication or the admin session would find them; raises
+    _Refused with the answer otherwise (and counts a bad key as a failed authentication)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if header and scheme.lower() == "bearer":
-        key = await sync_to_async(apikeys.lookup)(token.strip())
-        return (key.user, key) if key is not None else (None, None)
+        wait = await sync_to_async(authfailures.seconds_blocked)(request)
+        if wait is not None:
+            raise _Refused(authfailures.too_many(wait))
+        token = token.strip()
+        key = await sync_to_async(apikeys.lookup)(token) if token else None
+        if key is None:
+            await sync_to_async(authfailures.record_failure)(request)
+            raise _unauthenticated(
+                "authentication_failed",
+                "Invalid or revoked API key." if token else "The Authorization header has no key.",
+            )
+        return key.user, key
     user = await request.auser()
-    return (user, None) if user.is_authenticated else (None, None)
+    if not user.is_authenticated:
+        raise _unauthenticated("not_authenticated", "Authentication credentials were not provided.")
+    return user, None
 
 
 def _rate_limited(user: Any, api_key: ApiKey | None) -> JsonResponse | None:
@@ -70,13 +95,30 @@ def _format(event: Any) -> str:
     return f"id: {event.id}\nevent: {event.action}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
-async def _stream(run_id: UUID, after: int | None) -> AsyncIterator[str]:
+def _too_many_streams() -> JsonResponse:
+    cap = settings.AGENTSITE_MAX_STREAMS_PER_KEY
+    wait = streamslots.RETRY_AFTER_SECONDS
+    return JsonResponse(
+        error_body(
+            "too_many_streams",
+            f"These credentials have {cap} event streams open already, the most allowed. "
+            "Close one, or poll the events as JSON.",
+        ),
+        status=429,
+        headers={"Retry-After": str(wait)},
+    )
+
+
+async def _stream(run_id: UUID, after: int | None, slot: streamslots.Slot) -> AsyncIterator[str]:
     metrics.EVENT_STREAMS.inc()
     try:
         async for chunk in _events(run_id, after):
             yield chunk
+            if streamslots.renewal_due(slot):
+                await sync_to_async(streamslots.renew, thread_sensitive=False)(slot)
     finally:  # ended, or the client went away (the generator is closed)
         metrics.EVENT_STREAMS.dec()
+        await sync_to_async(streamslots.release, thread_sensitive=False)(slot)
 
 
 async def _events(run_id: UUID, after: int | None) -> AsyncIterator[str]:
@@ -118,13 +160,10 @@ async def run_events_view(request: HttpRequest, pk: str) -> HttpResponseBase:
         response = await sync_to_async(_json_view)(request, pk=str(run_id))
         await sync_to_async(response.render)()
         return response
-    user, api_key = await _caller(request)
-    if user is None:
-        return JsonResponse(
-            error_body("not_authenticated", "Authentication credentials were not provided."),
-            status=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    try:
+        user, api_key = await _caller(request)
+    except _Refused as refused:
+        return refused.response
     limited = await sync_to_async(_rate_limited)(user, api_key)
     if limited is not None:
         return limited
@@ -147,7 +186,12 @@ async def run_events_view(request: HttpRequest, pk: str) -> HttpResponseBase:
             ),
             status=400,
         )
-    response = StreamingHttpResponse(_stream(run_id, after), content_type="text/event-stream")
+    slot = await sync_to_async(streamslots.acquire, thread_sensitive=False)(
+        bucket_for(user, api_key)
+    )
+    if slot is None:
+        return _too_many_streams()
+    response = StreamingHttpResponse(_stream(run_id, after, slot), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response

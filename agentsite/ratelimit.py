@@ -15,6 +15,9 @@ from typing import Any
 from django.conf import settings
 from rest_framework.throttling import BaseThrottle
 
+from .clientaddress import client_address
+from .rediskeys import key
+
 logger = logging.getLogger(__name__)
 
 _SCRIPT = """
@@ -54,11 +57,28 @@ def _redis() -> tuple[Any, Any]:
         return _client, _script
 
 
+def redis_client() -> Any:
+    """The process's Redis client for counters (short timeouts: a limit must not hang a
+    request)."""
+    return _redis()[0]
+
+
 def hit(bucket: str, *, limit: int, period: int) -> tuple[bool, float]:
     """Count one request in ``bucket``; returns (allowed, seconds until the window resets)."""
     _, script = _redis()
-    count, ttl_ms = script(keys=[f"agentsite:rate:{bucket}"], args=[period * 1000])
+    count, ttl_ms = script(keys=[key(f"rate:{bucket}")], args=[period * 1000])
     return int(count) <= limit, max(0.0, int(ttl_ms) / 1000)
+
+
+def peek(bucket: str) -> tuple[int, float]:
+    """``bucket``'s count in its window, counting nothing, and seconds until the window resets
+    (0 with no window open)."""
+    client, _ = _redis()
+    name = key(f"rate:{bucket}")
+    count = int(client.get(name) or 0)
+    if not count:
+        return 0, 0.0
+    return count, max(0.0, int(client.pttl(name)) / 1000)
 
 
 def seconds_to_wait(bucket: str) -> float | None:
@@ -94,6 +114,11 @@ class ApiKeyRateThrottle(BaseThrottle):
             bucket = f"ip:{self.get_ident(request)}"
         self._wait = seconds_to_wait(bucket)
         return self._wait is None
+
+    def get_ident(self, request: Any) -> str:
+        """The client's address as every per-address limit sees it (AGENTSITE_TRUSTED_PROXIES
+        decides whether X-Forwarded-For counts, not DRF's NUM_PROXIES)."""
+        return client_address(request)
 
     def wait(self) -> float | None:
         return self._wait

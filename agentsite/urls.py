@@ -8,8 +8,10 @@ from agents.api import AgentViewSet, RunViewSet, usage_report, whoami
 from agents.events import run_events_view
 from approvals.api import ApprovalViewSet
 
+from .authfailures import guard_login
 from .errors import json_or_default
 from .health import healthz, metrics_view, readyz
+from .landing import landing
 
 admin.site.site_header = "Agentsite"
 admin.site.site_title = "Agentsite admin"
@@ -20,6 +22,9 @@ router.register("runs", RunViewSet, basename="run")
 router.register("approvals", ApprovalViewSet, basename="approval")
 
 urlpatterns = [
+    path("", landing, name="landing"),
+    # The admin's own login view, refusing a client over its failed-authentication limit.
+    path("admin/login/", guard_login(admin.site.login)),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),

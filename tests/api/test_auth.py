@@ -268,6 +268,31 @@ def test_create_api_key_with_bad_arguments_raises_command_error(db, args, option
     assert not User.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("username", "problem"),
+    [
+        ("<img src=x onerror=alert(9)>", "Enter a valid username"),
+        ("alice smith", "Enter a valid username"),
+        ("alice\nbob", "Enter a valid username"),
+        ("u" * 151, "at most 150 characters"),
+    ],
+)
+def test_create_api_key_refuses_a_username_the_user_form_would(db, username, problem):
+    with pytest.raises(CommandError) as raised:
+        create_key(username)
+
+    message = str(raised.value)
+    assert message.startswith("username ") and problem in message
+    assert "\n" not in message  # one line
+    assert not User.objects.exists() and not ApiKey.objects.exists()
+
+
+def test_create_api_key_accepts_what_the_user_form_accepts(db):
+    out, _ = create_key("Zoë+ops@example.com")
+    assert User.objects.filter(username="Zoë+ops@example.com").exists()
+    assert bearer(f"Bearer {out.strip().splitlines()[-1]}").get(RUNS).status_code == 200
+
+
 def test_create_api_key_without_a_username_raises_command_error(db):
     with pytest.raises(CommandError):
         create_key()

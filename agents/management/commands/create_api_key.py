@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import models
 
 from agents.services import create_api_key
 
@@ -18,12 +20,20 @@ class Command(BaseCommand):
         parser.add_argument("--name", default="", help="what the key is for")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        username = options["username"].strip()
-        if not username or len(username) > 150:
-            raise CommandError("username must be 1 to 150 characters")
+        User = get_user_model()
+        username = User.normalize_username(options["username"].strip())
+        if not username:
+            raise CommandError("username must not be empty")
+        # What the admin's user form accepts: its length and characters (letters, digits, @.+-_).
+        field = cast("models.Field[Any, Any]", User._meta.get_field(User.USERNAME_FIELD))
+        try:
+            field.run_validators(username)
+        except ValidationError as exc:
+            shown = username if len(username) <= 40 else username[:40] + "…"
+            raise CommandError(f"username {shown!r}: {' '.join(exc.messages)}") from None
         if len(options["name"]) > 100:
             raise CommandError("--name is at most 100 characters")
-        user, created = get_user_model().objects.get_or_create(username=username)
+        user, created = User.objects.get_or_create(**{User.USERNAME_FIELD: username})
         if created:
             user.set_unusable_password()
             user.save(update_fields=["password"])
