@@ -16,7 +16,9 @@ limit the calls' running totals::
 
 Every call of the tool in the scope counts, parallel calls of one turn included, except those
 refused (by policy, or at execution) and those a reviewer rejected; a call held for review
-reserves its amount (its proposed, or edited, arguments) until it is decided. The totals are
+reserves its amount (its proposed, or edited, arguments) until it is decided. Each call is read
+as the tool's schema reads it (defaults filled in, keys by alias), the stored ones as the one
+being decided; a negative number adds nothing (it would make room for more). The totals are
 read under the run's row lock (the engine holds it when it decides a turn's calls one after the
 other; a decision on a held call holds it; the re-check before execution takes it), so two
 parallel calls can never both pass. Limits (``sum_max``, ``max_calls``) count every other call;
@@ -63,17 +65,29 @@ def _number(value: Any) -> Decimal | None:
 
 def amount(value: Any) -> Decimal | None:
     """What a call adds to an argument's total: the number, or a list's numbers summed; None
-    when it is not a number (a total cannot be kept of it). A numeric string counts as its
-    number: the arguments are stored as the model sent them, and the tool's schema may have
-    read "50" as 50."""
+    when it is not a number (a total cannot be kept of it). A negative number adds nothing: a
+    call of -1000 must not make room for ten more of 100."""
     values = value if isinstance(value, list) else [value]
     total = Decimal(0)
     for item in values:
         number = _number(item.strip() if isinstance(item, str) else item)
         if number is None:
             return None
-        total += number
+        total += max(number, Decimal(0))
     return total
+
+
+def as_validated(spec: Any, arguments: Any) -> Any:
+    """A stored call's arguments as the tool ran (or will run) them: validated by its schema,
+    defaults filled in, keys by alias, exactly as the call being decided is read (a default, a
+    field name sent for its alias or ``true`` for an int must count in the history as they
+    count now). Stored arguments that no longer validate are read as they are."""
+    if spec is None or not isinstance(arguments, dict):
+        return arguments
+    try:
+        return spec.validate(arguments).model_dump(by_alias=True)
+    except Exception:
+        return arguments
 
 
 @dataclass
@@ -94,6 +108,10 @@ def totals(
     ``step_index`` (the one being decided; None: not recorded yet)."""
     from agents.models import Step
 
+    from .registry import registry
+
+    spec = registry.get(tool)
+
     steps = Step.objects.filter(kind=Step.Kind.TOOL, tool_name=tool).exclude(
         status=Step.Status.REFUSED
     )
@@ -109,7 +127,7 @@ def totals(
         before = run_id != run.pk or step_index is None or index < step_index
         result.others_calls += 1
         result.before_calls += before
-        called = request.get("arguments") if isinstance(request, dict) else None
+        called = as_validated(spec, request.get("arguments") if isinstance(request, dict) else None)
         for name in wanted:
             value = amount(called.get(name)) if isinstance(called, dict) else None
             if value is None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tools import outbox
 from tools.registry import ToolContext, tool
@@ -52,3 +52,19 @@ class DawdleArgs(BaseModel):
 def dawdle(args: DawdleArgs, ctx: ToolContext) -> dict[str, Any]:
     time.sleep(args.seconds)  # cooperative under gevent; interrupted by the soft limit
     return {"slept": args.seconds}
+
+
+class GrantCreditsArgs(BaseModel):
+    """Defaults and an alias: what the model leaves out, or names by the field's own name,
+    is what the tool runs with all the same (tests/tools/test_cumulative.py)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    account: str = "A-1"
+    credits: int = Field(default=100, ge=-10_000, le=10_000)
+    bonus_eur: int = Field(default=0, alias="bonus", ge=-10_000, le=10_000)
+
+
+@tool(name="grant_credits", description="Test tool: grants credits (nothing happens).")
+def grant_credits(args: GrantCreditsArgs, ctx: ToolContext) -> dict[str, Any]:
+    return {"credits": args.credits, "bonus": args.bonus_eur}

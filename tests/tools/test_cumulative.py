@@ -256,3 +256,56 @@ def test_cumulative_rules_validate(make_agent):
         "*": {"max_calls": 10, "per": "session"},
     }
     assert constraint_errors(good, schema) == []
+
+
+def grants_of_credits(make_agent: Any, constraints: dict[str, Any], *calls: dict[str, Any]) -> Any:
+    return make_agent(
+        grants={"grant_credits": {"mode": "allow", "constraints": constraints}},
+        script=[
+            {"tool_calls": [{"name": "grant_credits", "arguments": a} for a in calls]},
+            {"text": "done"},
+        ],
+        max_steps=40,
+    )
+
+
+def executed(run: Run) -> list[str]:
+    return [step.status for step in Step.objects.filter(run=run, kind="tool").order_by("index")]
+
+
+def test_a_default_counts_in_the_total_as_the_tool_runs_it(make_agent):
+    # The model leaves credits out: the tool grants its default of 100 each time.
+    agent = grants_of_credits(make_agent, {"credits": {"sum_max": 200}}, *[{}] * 4)
+
+    run = drive(submit_run(agent=agent, input="credits").pk)
+
+    assert executed(run) == ["succeeded", "succeeded", "refused", "refused"]
+
+
+def test_a_field_named_instead_of_its_alias_counts_all_the_same(make_agent):
+    agent = grants_of_credits(
+        make_agent,
+        {"bonus": {"sum_max": 150}},
+        {"bonus_eur": 100},
+        {"bonus": 50},
+        {"bonus_eur": 100},
+    )
+
+    run = drive(submit_run(agent=agent, input="bonus").pk)
+
+    assert executed(run) == ["succeeded", "succeeded", "refused"]
+
+
+def test_a_negative_amount_makes_no_room_under_sum_max(make_agent):
+    agent = grants_of_credits(
+        make_agent,
+        {"credits": {"sum_max": 200}},
+        {"credits": -1000},
+        {"credits": 100},
+        {"credits": 100},
+        {"credits": 100},
+    )
+
+    run = drive(submit_run(agent=agent, input="refill").pk)
+
+    assert executed(run) == ["succeeded", "succeeded", "succeeded", "refused"]
