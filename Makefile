@@ -91,6 +91,8 @@ bench: venv services
 
 # The worker runs gevent on Postgres + Redis (as deployed); on the embedded SQLite default it
 # runs two prefork children, since gevent cannot wait on SQLite's lock (the worker says so).
+# honcho is told to read no .env (-e /dev/null): it would put the file's values over the
+# environment's; the settings read .env themselves, under the environment.
 up: migrate
 	@if [[ "$${DATABASE_URL:-}" == postgres* && "$${CELERY_BROKER_URL:-}" == redis* ]]; then \
 	  pool=gevent; concurrency=$${WORKER_CONCURRENCY:-200}; prefetch=2; \
@@ -100,7 +102,7 @@ up: migrate
 	echo "Flower: http://127.0.0.1:$(FLOWER_PORT)  user $${FLOWER_USER:-admin}, password $$( [[ -n "$${FLOWER_PASSWORD:-}" ]] && echo 'from FLOWER_PASSWORD' || echo "$$flower_password (set FLOWER_PASSWORD to choose)")"; \
 	DEBUG=$${DEBUG:-1} WORKER_POOL=$$pool WORKER_CONCURRENCY=$$concurrency WORKER_PREFETCH=$$prefetch \
 	  FLOWER_PASSWORD=$$flower_password PORT=$(PORT) FLOWER_PORT=$(FLOWER_PORT) \
-	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile -e /dev/null
 
 fake-openai: venv
 	$(BIN)/python -m agents.providers.fake_server --port 8765

@@ -57,10 +57,16 @@ def client_address(request: Any) -> str:
     if not networks or not _trusted(peer, networks):
         return str(peer)
     # Several X-Forwarded-For headers arrive joined by commas, in order.
-    forwarded = [parse_address(entry) for entry in meta.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-    hops = [address for address in forwarded if address is not None]
-    for address in reversed(hops):
+    entries = [e.strip() for e in meta.get("HTTP_X_FORWARDED_FOR", "").split(",") if e.strip()]
+    hops: list[Address] = []
+    for entry in reversed(entries):
+        address = parse_address(entry)
+        if address is None:
+            # Not an address ("unknown", garbage) where the right-most untrusted hop should
+            # be: the walk stops, lest the client's own entries to its left be believed.
+            return f"{UNKNOWN}:{entry[:64]}"
         if not _trusted(address, networks):
             return str(address)
+        hops.append(address)
     # Every hop is a trusted proxy (or none was given): the farthest one is the client.
-    return str(hops[0]) if hops else str(peer)
+    return str(hops[-1]) if hops else str(peer)

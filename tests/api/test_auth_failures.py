@@ -126,10 +126,16 @@ def test_behind_a_trusted_proxy_failures_count_per_forwarded_client(limit, setti
             "10.1.1.1",
         ),
         ({"REMOTE_ADDR": "10.0.0.1"}, ["10.0.0.0/8"], "10.0.0.1"),
-        (  # entries that are not addresses are skipped; ports and brackets are dropped
-            {"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "[2001:db8::5]:443, junk"},
+        (  # ports and brackets are dropped
+            {"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "[2001:db8::5]:443"},
             ["10.0.0.1"],
             "2001:db8::5",
+        ),
+        (  # an entry that is not an address where the client should be stops the walk: the
+            # client's own entries to its left are not believed
+            {"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "1.2.3.4, unknown"},
+            ["10.0.0.1"],
+            "unknown:unknown",
         ),
         (
             {"REMOTE_ADDR": "::ffff:10.0.0.1", "HTTP_X_FORWARDED_FOR": "198.51.100.4:5678"},
