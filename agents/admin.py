@@ -10,6 +10,7 @@ from django.db.models import Count, F, Q, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
+from agentsite.jsonparse import JSONFormField
 from approvals.models import Approval
 from tools.models import ToolGrant
 
@@ -79,6 +80,11 @@ class AgentForm(forms.ModelForm):
             "escalation_policy",
             "output_schema",
         ]
+        # Deep JSON or a lone surrogate is an error on the field, not a 500.
+        field_classes = {
+            name: JSONFormField
+            for name in ("script", "fallback_routes", "escalation_policy", "output_schema")
+        }
 
 
 VERSION_FIELDS = (
@@ -123,6 +129,7 @@ class ToolGrantForm(forms.ModelForm):
     class Meta:
         model = ToolGrant
         fields = ["tool", "mode", "constraints"]
+        field_classes = {"constraints": JSONFormField}
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}

@@ -13,7 +13,9 @@ import re
 from itertools import accumulate
 from typing import Any
 
+from django import forms
 from django.conf import settings
+from django.forms.fields import InvalidJSONInput, JSONString
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.settings import api_settings
@@ -157,3 +159,37 @@ class JSONParser(parsers.JSONParser):
             raise ValidationError({field: [exc.message]}) from None
         except ValueError as exc:
             raise ParseError(f"JSON parse error - {exc}") from None
+
+
+class JSONFormField(forms.JSONField):
+    """Django's form JSONField through ``loads`` and ``unstorable``: JSON nested too deeply, or
+    with a lone surrogate, NUL, NaN or Infinity, is an error on the field (Django's own field
+    recursed into a 500, or let Postgres refuse the value). For the admin's JSON fields."""
+
+    def to_python(self, value: Any) -> Any:
+        if self.disabled or value in self.empty_values or not isinstance(value, str):
+            return super().to_python(value)
+        try:
+            converted = loads(value)
+        except JsonInputError as exc:
+            raise forms.ValidationError(exc.message, code="invalid") from None
+        except ValueError:
+            raise forms.ValidationError(
+                self.error_messages["invalid"], code="invalid", params={"value": value}
+            ) from None
+        from agents.jsonsafe import unstorable
+
+        problem = unstorable(converted)
+        if problem:
+            raise forms.ValidationError(f"The value {problem}.", code="invalid")
+        return JSONString(converted) if isinstance(converted, str) else converted
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        if self.disabled:
+            return initial
+        if data is None:
+            return None
+        try:
+            return loads(data)
+        except ValueError:  # JsonInputError too: shown back as the text that was sent
+            return InvalidJSONInput(data)

@@ -331,6 +331,45 @@ def test_invalid_json_in_an_agent_field_is_a_form_error(admin_client, make_agent
     assert agent.script == SCRIPT and agent.current_version.number == 1
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("output_schema", "[" * 5000 + "]" * 5000, "Nested more than 64 levels deep"),
+        ("escalation_policy", '{"\\ud800": 1}', "Surrogate characters are not allowed"),
+        ("output_schema", '{"type": "\\udfff"}', "Surrogate characters are not allowed"),
+        ("script", '[{"text": "a\\u0000b"}]', "must not contain NUL characters"),
+    ],
+)
+def test_json_an_agent_field_cannot_store_is_a_form_error_not_a_500(
+    admin_client, make_agent, field, value, expected
+):
+    agent = make_agent(script=SCRIPT)
+    url = f"/admin/agents/agent/{agent.pk}/change/"
+    data = form_data(admin_client.get(url))
+    data.update({field: value, "_save": "Save"})
+
+    response = admin_client.post(url, data)
+
+    assert response.status_code == 200
+    assert expected in str(response.context["adminform"].form.errors[field])
+    agent.refresh_from_db()
+    assert agent.script == SCRIPT and agent.current_version.number == 1
+
+
+def test_grant_constraints_nested_too_deeply_are_a_form_error_not_a_500(admin_client):
+    data = form_data(admin_client.get("/admin/agents/agent/add/"))
+    deep = '{"expression": {"one_of": ' + "[" * 3000 + "]" * 3000 + "}}"
+    data = grant_rows(data, ("calculator", "allow", deep))
+    data.update(slug="deepgrant", name="Deep grant", _save="Save")
+
+    response = admin_client.post("/admin/agents/agent/add/", data)
+
+    assert response.status_code == 200
+    errors = str(response.context["inline_admin_formsets"][0].formset.errors)
+    assert "Nested more than 64 levels deep" in errors
+    assert not Agent.objects.filter(slug="deepgrant").exists()
+
+
 def test_cancel_action_cancels_queued_runs_and_reports_finished_ones(admin_client, make_agent):
     agent = make_agent(tools=["calculator"], script=SCRIPT)
     queued = submit_run(agent=agent, input="1+1")
