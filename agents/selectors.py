@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Min
+from django.db.models import Case, Count, Exists, F, Min, OuterRef, Q, Subquery, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from agentsite import heartbeats
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 MODELS_QUEUE = "models"  # agents.advance_run: a queued run's first step, every model turn
 TOOLS_QUEUE = "tools"  # tools.execute_tool_call
+# A step in these states is in hand: executing on a worker, or held for a reviewer.
+_IN_HAND = (Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL)
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,29 @@ def unserved_queues(*, now: datetime | None = None) -> list[UnservedQueue] | Non
     waiting: dict[str, dict[str, Any]] = {}
     before = _threshold(now)
     if MODELS_QUEUE in unserved:
-        waiting[MODELS_QUEUE] = Run.objects.filter(
-            status=Run.Status.QUEUED, created_at__lt=before
-        ).aggregate(runs=Count("pk"), oldest=Min("created_at"))
+        # Queued runs, and running ones whose next model turn is due: no step executing or
+        # held for a reviewer, no tool call pending, no progress since before the threshold.
+        busy = Step.objects.filter(run=OuterRef("pk"), status__in=_IN_HAND)
+        tool_due = Step.objects.filter(
+            run=OuterRef("pk"), kind=Step.Kind.TOOL, status=Step.Status.PENDING
+        )
+        last_done = (
+            Step.objects.filter(run=OuterRef("pk"), finished_at__isnull=False)
+            .order_by("-finished_at")
+            .values("finished_at")[:1]
+        )
+        waiting[MODELS_QUEUE] = (
+            Run.objects.filter(status__in=(Run.Status.QUEUED, Run.Status.RUNNING))
+            .exclude(Q(status=Run.Status.RUNNING) & (Exists(busy) | Exists(tool_due)))
+            .annotate(
+                since=Case(
+                    When(status=Run.Status.QUEUED, then=F("created_at")),
+                    default=Coalesce(Subquery(last_done), "started_at", "created_at"),
+                )
+            )
+            .filter(since__lt=before)
+            .aggregate(runs=Count("pk"), oldest=Min("since"))
+        )
     if TOOLS_QUEUE in unserved:
         waiting[TOOLS_QUEUE] = Step.objects.filter(
             kind=Step.Kind.TOOL,
@@ -95,15 +118,25 @@ def waiting_on(run: Run, *, since_before: datetime) -> tuple[str, datetime] | No
         return (MODELS_QUEUE, run.created_at) if run.created_at < since_before else None
     if run.status != Run.Status.RUNNING:
         return None
-    pending = (
-        run.steps.filter(
-            kind=Step.Kind.TOOL, status=Step.Status.PENDING, created_at__lt=since_before
-        )
+    open_steps = list(
+        run.steps.filter(status__in=(*_IN_HAND, Step.Status.PENDING))
         .order_by("created_at")
-        .values_list("created_at", flat=True)
+        .values_list("kind", "status", "created_at")
+    )
+    if any(status in _IN_HAND for _, status, _ in open_steps):
+        return None  # a worker (or a reviewer) has it in hand
+    tools = [created for kind, _, created in open_steps if kind == Step.Kind.TOOL]
+    if tools:
+        return (TOOLS_QUEUE, tools[0]) if tools[0] < since_before else None
+    # Its next model turn is due since its last step finished (or since it started).
+    last_done = (
+        run.steps.filter(finished_at__isnull=False)
+        .order_by("-finished_at")
+        .values_list("finished_at", flat=True)
         .first()
     )
-    return (TOOLS_QUEUE, pending) if pending is not None else None
+    since = last_done or run.started_at or run.created_at
+    return (MODELS_QUEUE, since) if since < since_before else None
 
 
 def run_waits_unserved(run: Run, *, now: datetime | None = None, after: float | None = None) -> str:

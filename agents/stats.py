@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.db import connection
 from django.db.models import Aggregate, Count, Exists, FloatField, OuterRef, Q, QuerySet
 from django.utils import timezone
 
@@ -110,16 +111,19 @@ def _step_latency(start: datetime, until: datetime, agent: Agent | None) -> dict
     )
     if agent is not None:
         steps = steps.filter(run__agent=agent)
-    rows = {
-        row["kind"]: row
-        for row in steps.order_by()
-        .values("kind")
-        .annotate(
-            steps=Count("pk"),
-            p50=PercentileCont("latency_ms", 0.5),
-            p95=PercentileCont("latency_ms", 0.95),
-        )
-    }
+    if connection.vendor == "postgresql":
+        rows = {
+            row["kind"]: row
+            for row in steps.order_by()
+            .values("kind")
+            .annotate(
+                steps=Count("pk"),
+                p50=PercentileCont("latency_ms", 0.5),
+                p95=PercentileCont("latency_ms", 0.95),
+            )
+        }
+    else:
+        rows = _latency_rows_in_python(steps)
     latency: dict[str, Any] = {}
     for kind in Step.Kind.values:
         row = rows.get(kind, {"steps": 0, "p50": None, "p95": None})
@@ -129,6 +133,34 @@ def _step_latency(start: datetime, until: datetime, agent: Agent | None) -> dict
             "p95": _ms(row["p95"]),
         }
     return latency
+
+
+def _latency_rows_in_python(steps: QuerySet[Step]) -> dict[str, dict[str, Any]]:
+    """The same figures for a database without percentile_cont (the embedded SQLite of make
+    demo): the latencies are read, one query, and interpolated as percentile_cont does."""
+    latencies: dict[str, list[float]] = {}
+    for kind, latency in steps.order_by("latency_ms").values_list("kind", "latency_ms"):
+        if latency is not None:  # the queryset has only steps with one
+            latencies.setdefault(kind, []).append(float(latency))
+    return {
+        kind: {
+            "steps": len(values),
+            "p50": percentile_cont(values, 0.5),
+            "p95": percentile_cont(values, 0.95),
+        }
+        for kind, values in latencies.items()
+    }
+
+
+def percentile_cont(ordered: list[float], fraction: float) -> float | None:
+    """Postgres's percentile_cont over already ordered values: the value at position
+    ``fraction * (n - 1)``, interpolated linearly between its neighbours; None for none."""
+    if not ordered:
+        return None
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _ms(value: float | None) -> float | None:

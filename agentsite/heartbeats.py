@@ -172,13 +172,13 @@ def consumers(queues: list[str] | None = None) -> dict[str, int]:
     return {queue: counts.get(queue, 0) for queue in (queues or celery_queues())}
 
 
-def queues_without_consumer() -> list[str]:
-    """The project's queues no live worker consumes, or [] if that cannot be told now."""
+def queues_without_consumer() -> list[str] | None:
+    """The project's queues no live worker consumes, or None if that cannot be told now."""
     try:
         return sorted(queue for queue, count in consumers().items() if count == 0)
     except Exception as exc:
         logger.warning("worker heartbeats unreadable: %s", exc)
-        return []
+        return None
 
 
 class Heartbeat:
@@ -197,6 +197,7 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=5)  # a beat in flight would bring the entry back
         withdraw(self.name)
 
     def _run(self) -> None:

@@ -387,3 +387,34 @@ def test_an_unknown_agent_is_named_with_the_known_ones(make_agent):
         run_command("--agent", "nope")
     message = str(excinfo.value)
     assert "--agent" in message and "'nope'" in message and "alpha" in message
+
+
+def test_without_percentile_cont_the_figures_are_the_same(scene, settings, monkeypatch):
+    # The embedded SQLite of make demo has no percentile_cont: the latencies are read and
+    # interpolated in Python, and must give what Postgres gives.
+    from django.db import connection
+
+    from agents import stats
+
+    window = timedelta(days=30)
+    in_sql = stats.summarise_window(window)["step_latency_ms"]
+    monkeypatch.setattr(connection, "vendor", "sqlite")
+    in_python = stats.summarise_window(window)["step_latency_ms"]
+
+    assert in_python == in_sql
+    assert any(row["steps"] > 1 for row in in_sql.values())
+
+
+@pytest.mark.parametrize(
+    ("values", "fraction", "expected"),
+    [
+        ([], 0.5, None),
+        ([7.0], 0.95, 7.0),
+        ([1.0, 2.0, 3.0, 4.0], 0.5, 2.5),
+        ([0.0, 100.0], 0.95, 95.0),
+    ],
+)
+def test_percentile_cont_interpolates_as_postgres_does(values, fraction, expected):
+    from agents.stats import percentile_cont
+
+    assert percentile_cont(values, fraction) == expected
