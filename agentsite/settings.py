@@ -148,11 +148,18 @@ TEMPLATES = [
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    _db = dj_database_url.parse(
-        DATABASE_URL,
-        conn_max_age=0,
-        conn_health_checks=env_bool("AGENTSITE_DB_HEALTH_CHECKS", True),
-    )
+    try:
+        _db = dj_database_url.parse(
+            DATABASE_URL,
+            conn_max_age=0,
+            conn_health_checks=env_bool("AGENTSITE_DB_HEALTH_CHECKS", True),
+        )
+    except ValueError as _exc:  # ParseError, UnknownSchemeError, a port that is not a number
+        # Not the URL itself: it may carry a password.
+        raise ImproperlyConfigured(
+            f"DATABASE_URL cannot be read ({type(_exc).__name__}); expected e.g. "
+            "postgres://user:password@host:5432/name"
+        ) from None
     if _db["ENGINE"] == "django.db.backends.postgresql":
         _db["OPTIONS"] = {
             **_db.get("OPTIONS", {}),

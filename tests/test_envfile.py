@@ -181,3 +181,16 @@ def test_a_data_dir_holding_only_static_files_is_not_older_data(tmp_path):
     assert envfile.has_data(data) is False
     (data / "broker").mkdir()
     assert envfile.has_data(data) is True
+
+
+def test_a_database_url_that_cannot_be_read_is_one_line_without_its_password():
+    result = _manage(
+        "check", AGENTSITE_ENV_FILE="", DEBUG="1", DATABASE_URL="postgres://u:s3cret@h:port/db"
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "agentsite: DATABASE_URL cannot be read (ParseError); expected e.g. "
+        "postgres://user:password@host:5432/name"
+    ]
+    assert "s3cret" not in result.stderr + result.stdout

@@ -287,6 +287,13 @@ def test_create_api_key_refuses_a_username_the_user_form_would(db, username, pro
     assert not User.objects.exists() and not ApiKey.objects.exists()
 
 
+def test_create_api_key_refuses_a_name_it_cannot_store_and_creates_no_user(db):
+    # Bytes that are not UTF-8 in the shell's argument reach Python as lone surrogates.
+    with pytest.raises(CommandError, match="--name must not contain surrogate characters"):
+        create_key("alice", name="billing \udcff")
+    assert not User.objects.exists() and not ApiKey.objects.exists()
+
+
 def test_create_api_key_accepts_what_the_user_form_accepts(db):
     out, _ = create_key("Zoë+ops@example.com")
     assert User.objects.filter(username="Zoë+ops@example.com").exists()

@@ -7,8 +7,9 @@ from typing import Any, cast
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import models
+from django.db import models, transaction
 
+from agents.jsonsafe import unstorable
 from agents.services import create_api_key
 
 
@@ -31,13 +32,18 @@ class Command(BaseCommand):
         except ValidationError as exc:
             shown = username if len(username) <= 40 else username[:40] + "…"
             raise CommandError(f"username {shown!r}: {' '.join(exc.messages)}") from None
-        if len(options["name"]) > 100:
+        name = options["name"]
+        if len(name) > 100:
             raise CommandError("--name is at most 100 characters")
-        user, created = User.objects.get_or_create(**{User.USERNAME_FIELD: username})
-        if created:
-            user.set_unusable_password()
-            user.save(update_fields=["password"])
-        key, plain = create_api_key(user=user, name=options["name"])
+        problem = unstorable(name)  # e.g. bytes that are not UTF-8 in the shell's argument
+        if problem:
+            raise CommandError(f"--name {problem}")
+        with transaction.atomic():  # no user left behind by a key that could not be made
+            user, created = User.objects.get_or_create(**{User.USERNAME_FIELD: username})
+            if created:
+                user.set_unusable_password()
+                user.save(update_fields=["password"])
+            key, plain = create_api_key(user=user, name=name)
         self.stderr.write(
             f"{'created user ' + username + '; ' if created else ''}API key {key.prefix}… "
             "created. It is shown once; only its hash is stored."
