@@ -232,7 +232,9 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         )
 
 
-@extend_schema(responses={200: WhoAmISerializer, 401: ERROR_RESPONSES[401]})
+@extend_schema(
+    responses={200: WhoAmISerializer, 401: ERROR_RESPONSES[401], 429: ERROR_RESPONSES[429]}
+)
 @api_view(["GET"])
 def whoami(request: Request) -> Response:
     """Who the caller is: the user and, with an API key, the key (never its secret). A cheap way
@@ -248,7 +250,10 @@ def whoami(request: Request) -> Response:
 
 @extend_schema(
     parameters=[UsageFilterSerializer],
-    responses={200: UsageReportSerializer, 400: ERROR_RESPONSES[400], 401: ERROR_RESPONSES[401]},
+    responses={
+        200: UsageReportSerializer,
+        **{code: ERROR_RESPONSES[code] for code in (400, 401, 429)},
+    },
 )
 @api_view(["GET"])
 def usage_report(request: Request) -> Response:

@@ -230,7 +230,16 @@ def address_kind(ip: IPAddress) -> str | None:
     for attribute, kind in checks:
         if getattr(ip, attribute):
             return kind
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "a site-local address"
+    if any(ip in network for network in _NOT_PUBLIC_V4 if ip.version == 4):
+        return "a special-purpose address"
     return None if ip.is_global else "a non-public address"
+
+
+# IPv4 blocks ipaddress counts as global that no public service lives in: the IETF protocol
+# assignments (192.0.0.0/24, e.g. 192.0.0.8) and the deprecated 6to4 relay anycast.
+_NOT_PUBLIC_V4 = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "192.88.99.0/24"))
 
 
 def _allowed(ip: IPAddress, networks: list[Network]) -> bool:

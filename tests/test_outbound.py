@@ -38,6 +38,9 @@ from agentsite.outbound import Destination, HostPattern, parse_host_pattern
         ("64:ff9b::a9fe:a9fe", "a link-local address"),  # NAT64 of 169.254.169.254
         ("2001:0:4136:e378:8000:63bf:80ff:fffe", "a loopback address"),  # Teredo to 127.0.0.1
         ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", "a private address"),  # Teredo (not global)
+        ("fec0::1", "a site-local address"),  # deprecated, but routed nowhere public
+        ("192.0.0.8", "a special-purpose address"),  # IETF protocol assignments
+        ("192.88.99.1", "a special-purpose address"),  # the deprecated 6to4 relay anycast
         ("::ffff:8.8.8.8", None),
         ("8.8.8.8", None),
         ("93.184.215.14", None),

@@ -107,6 +107,18 @@ def test_every_error_response_is_documented_with_the_one_error_shape(schema):
     }
 
 
+def test_every_operation_documents_the_429_of_the_request_rate(schema):
+    # Every endpoint counts against AGENTSITE_API_RATE_LIMIT (whoami and usage too).
+    missing = [
+        (method, path)
+        for path, item in schema["paths"].items()
+        if path.startswith("/api/v1/")
+        for method, operation in item.items()
+        if method in {"get", "post"} and "429" not in operation["responses"]
+    ]
+    assert missing == []
+
+
 def test_the_schema_documents_the_body_errors_of_every_post(schema):
     def documented(method, path):
         return set(schema["paths"][path][method]["responses"])
