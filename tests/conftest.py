@@ -223,21 +223,23 @@ class WorkerProcess:
         for queue in queues:
             app.control.add_consumer(queue, destination=[self.name], reply=True, timeout=5)
 
-    def drain(self, *, timeout: float = 60.0) -> None:
+    def drain(self, *, timeout: float = 60.0) -> int:
         """Revoke what the worker holds for later (tests/workercontrol.py) and wait until
-        nothing of it executes: the database may then be flushed without it writing."""
+        nothing of it executes; how many messages the last call revoked (0: it held none)."""
         from agentsite.celery import app
 
         if self.process.poll() is not None:
-            return  # killed by its test; the next test that uses it restarts it
+            return 0  # killed by its test; the next test that uses it restarts it
 
-        def idle() -> bool:
+        def idle() -> dict[str, int] | None:
             replies = app.control.broadcast(
                 "agentsite_test_drain", destination=[self.name], reply=True, timeout=2
             )
-            return any(reply.get(self.name, {}).get("active") == 0 for reply in replies)
+            answer = next((r[self.name] for r in replies if self.name in r), None)
+            return answer if answer is not None and answer.get("active") == 0 else None
 
-        poll(idle, timeout=timeout, interval=0.05, what=f"worker {self.name} to finish its tasks")
+        found = poll(idle, timeout=timeout, interval=0.05, what=f"worker {self.name} to idle")
+        return int(found.get("revoked", 0))
 
     def task_totals(self) -> dict[str, int]:
         """How many tasks of each name this worker has finished (Celery's own counters)."""
@@ -262,9 +264,10 @@ def delete_redis_keys(pattern: str) -> None:
         client.delete(*batch)
 
 
-def purge_queues() -> None:
+def purge_queues() -> int:
     """Drop the messages waiting in the project's queues (kombu's priority lists included),
-    keeping the queues' bindings, which running processes remember having declared."""
+    keeping the queues' bindings, which running processes remember having declared; how many
+    queues had messages."""
     import redis
 
     from agentsite import rediskeys
@@ -276,7 +279,7 @@ def purge_queues() -> None:
         for queue in celery_queues()
         for step in (0, 3, 6, 9)
     ]
-    client.delete(*names)
+    return int(client.delete(*names))
 
 
 @pytest.fixture(autouse=True)
@@ -321,11 +324,12 @@ def _worker_quiet_around_flushes(request: pytest.FixtureRequest) -> Iterator[Non
     yield
     if not LIVE_WORKERS:
         return
-    for worker in LIVE_WORKERS:
-        worker.drain()
-    purge_queues()
-    for worker in LIVE_WORKERS:  # anything fetched before the purge: revoked too
-        worker.drain()
+    # Until nothing moves: a task that finished while we waited may have published its
+    # follow-up (taken by a worker: revoked on the next round; still queued: purged).
+    for _ in range(50):
+        revoked = sum([worker.drain() for worker in LIVE_WORKERS])
+        if not revoked and not purge_queues():
+            break
     LIVE_WORKERS[:] = [w for w in LIVE_WORKERS if w.restartable or w.process.poll() is None]
 
 
