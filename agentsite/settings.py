@@ -536,7 +536,7 @@ if not 1 <= AGENTSITE_MAX_JSON_DEPTH <= 200:
     )
 AGENTSITE_API_MAX_PAGE_SIZE = env_int("AGENTSITE_API_MAX_PAGE_SIZE", 100)
 # Requests per key per window ("<n>/<second|minute|hour>"; empty disables), counted in Redis.
-AGENTSITE_API_RATE_LIMIT = os.environ.get("AGENTSITE_API_RATE_LIMIT", "1200/minute")
+AGENTSITE_API_RATE_LIMIT = os.environ.get("AGENTSITE_API_RATE_LIMIT", "1200/minute").strip()
 # Runs not yet finished per API key (0 disables).
 AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY = env_int("AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY", 200)
 # Event streams (SSE) open at once per API key (per user for an admin session), counted across
@@ -548,13 +548,13 @@ AGENTSITE_MAX_STREAMS_PER_KEY = env_int("AGENTSITE_MAX_STREAMS_PER_KEY", 20)
 AGENTSITE_AUTH_FAILURE_RATE_LIMIT = os.environ.get(
     "AGENTSITE_AUTH_FAILURE_RATE_LIMIT", "20/minute"
 ).strip()
-if AGENTSITE_AUTH_FAILURE_RATE_LIMIT and not re.fullmatch(
-    r"\d+/(second|minute|hour|day)s?", AGENTSITE_AUTH_FAILURE_RATE_LIMIT
-):
-    raise ImproperlyConfigured(
-        f"AGENTSITE_AUTH_FAILURE_RATE_LIMIT={AGENTSITE_AUTH_FAILURE_RATE_LIMIT!r}: use "
-        "'<n>/<second|minute|hour|day>', or empty for no limit"
-    )
+# Both rates are checked here: a bad one failed every request later (a 500 per request).
+for _rate_name in ("AGENTSITE_API_RATE_LIMIT", "AGENTSITE_AUTH_FAILURE_RATE_LIMIT"):
+    _rate = globals()[_rate_name]
+    if _rate and not re.fullmatch(r"\d+/(second|minute|hour|day)s?", _rate):
+        raise ImproperlyConfigured(
+            f"{_rate_name}={_rate!r}: use '<n>/<second|minute|hour|day>', or empty for no limit"
+        )
 
 
 def _env_networks(name: str) -> list[str]:

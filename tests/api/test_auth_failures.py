@@ -211,6 +211,7 @@ def test_wrong_admin_passwords_are_failed_authentications(limit):
         ({"AGENTSITE_TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"}, "'proxy.internal'"),
         ({"AGENTSITE_TRUSTED_PROXIES": "10.0.0.300"}, "'10.0.0.300'"),
         ({"AGENTSITE_AUTH_FAILURE_RATE_LIMIT": "20/fortnight"}, "'20/fortnight'"),
+        ({"AGENTSITE_API_RATE_LIMIT": "lots"}, "'lots'"),
         ({"AGENTSITE_MAX_STREAMS_PER_KEY": "lots"}, "AGENTSITE_MAX_STREAMS_PER_KEY"),
     ],
 )
