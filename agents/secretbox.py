@@ -7,12 +7,12 @@ stored keys unreadable: re-enter them in the admin.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 
 from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
+
+from agentsite import derivedkeys
 
 
 class SecretUnreadable(Exception):
@@ -23,8 +23,7 @@ def _fernet() -> Fernet:
     configured = os.environ.get("AGENTSITE_ENCRYPTION_KEY", "")
     if configured:
         return Fernet(configured.encode())
-    digest = hashlib.sha256(f"agentsite-secretbox:{settings.SECRET_KEY}".encode()).digest()
-    return Fernet(base64.urlsafe_b64encode(digest))
+    return Fernet(derivedkeys.encryption_key(settings.SECRET_KEY).encode())
 
 
 def encrypt(plaintext: str) -> str:

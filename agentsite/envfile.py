@@ -15,16 +15,15 @@ Run as ``python -m agentsite.envfile [PATH]`` to write the file if it is missing
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
-import hmac
 import os
 import secrets
 import sys
 from pathlib import Path
 
 from dotenv import dotenv_values
+
+from agentsite import derivedkeys
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # What SECRET_KEY was in development before .env existed (DEBUG=1 and no SECRET_KEY). Kept only
@@ -57,15 +56,10 @@ def apply(env_path: Path | None) -> list[str]:
 def legacy_keys(secret_key: str = LEGACY_DEVELOPMENT_KEY) -> dict[str, str]:
     """The keys settings derive from ``secret_key`` when they are not set: the audit chain's
     HMAC key, the Fernet key of stored provider keys, and the webhook signing secret."""
-    audit = hmac.new(secret_key.encode(), b"agentsite-audit-chain", hashlib.sha256).hexdigest()
-    fernet = base64.urlsafe_b64encode(
-        hashlib.sha256(f"agentsite-secretbox:{secret_key}".encode()).digest()
-    ).decode()
-    webhook = hashlib.sha256(f"agentsite-webhook:{secret_key}".encode()).hexdigest()
     return {
-        "AGENTSITE_AUDIT_KEY": audit,
-        "AGENTSITE_ENCRYPTION_KEY": fernet,
-        "AGENTSITE_WEBHOOK_SECRET": webhook,
+        "AGENTSITE_AUDIT_KEY": derivedkeys.audit_key(secret_key),
+        "AGENTSITE_ENCRYPTION_KEY": derivedkeys.encryption_key(secret_key),
+        "AGENTSITE_WEBHOOK_SECRET": derivedkeys.webhook_secret(secret_key),
     }
 
 
