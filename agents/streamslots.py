@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from agentsite.ratelimit import redis_client
-from agentsite.rediskeys import key
+from agentsite import rediskeys
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +46,6 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-_script_lock = threading.Lock()
-_script = None
 # Without Redis: caller -> {slot id: monotonic end of its lease}.
 _local: dict[str, dict[str, float]] = {}
 _local_lock = threading.Lock()
@@ -65,15 +62,11 @@ class Slot:
 
 
 def _redis_key(caller: str) -> str:
-    return key(f"streams:{caller}")
+    return rediskeys.key(f"streams:{caller}")
 
 
 def _take_in_redis(slot: Slot, cap: int) -> bool:
-    global _script
-    with _script_lock:
-        if _script is None:
-            _script = redis_client().register_script(_TAKE)
-        script = _script
+    script = rediskeys.script(_TAKE, timeout=1)
     return bool(
         script(keys=[_redis_key(slot.caller)], args=[slot.id, cap, int(LEASE_SECONDS * 1000)])
     )
@@ -136,6 +129,6 @@ def release(slot: Slot) -> None:
                 del _local[slot.caller]
         return
     try:
-        redis_client().zrem(_redis_key(slot.caller), slot.id)
+        rediskeys.client(timeout=1).zrem(_redis_key(slot.caller), slot.id)
     except Exception as exc:  # its lease runs out instead
         logger.warning("event stream slot not released: %s", exc)

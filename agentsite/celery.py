@@ -20,6 +20,9 @@ from celery.signals import (
 )
 from celery.worker.strategy import default as default_strategy
 
+from .envfile import settings_or_exit
+from .heartbeats import Heartbeat
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
 
@@ -94,8 +97,6 @@ app = Celery("agentsite", task_cls=CheckedTask)
 @app.on_configure.connect
 def _settings_or_exit(**kwargs: Any) -> None:
     """A worker, beat or Flower with a bad setting says so in one line and exits."""
-    from .envfile import settings_or_exit
-
     settings_or_exit()
 
 
@@ -226,8 +227,6 @@ def _consumed_queues(consumer: Any) -> list[str]:
 
 @worker_ready.connect(weak=False, dispatch_uid="agentsite.heartbeat.start")
 def _start_heartbeat(sender: Any = None, **kwargs: Any) -> None:
-    from .heartbeats import Heartbeat
-
     if sender is not None and not _heartbeat:
         _heartbeat.append(Heartbeat(sender.hostname, lambda: _consumed_queues(sender)).start())
 

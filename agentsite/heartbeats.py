@@ -85,26 +85,6 @@ def _keys() -> list[str]:
     return [rediskeys.key("workers"), rediskeys.key("workers:queues")]
 
 
-_clients: dict[str, Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _redis() -> Any:
-    url = settings.REDIS_URL
-    with _clients_lock:
-        found = _clients.get(url)
-        if found is None:
-            import redis
-
-            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            found = _clients[url] = (
-                client.register_script(_BEAT),
-                client.register_script(_LIVE),
-                client.register_script(_GONE),
-            )
-        return found
-
-
 def _directory() -> Path:
     return Path(settings.DATA_DIR) / "workers"
 
@@ -117,8 +97,7 @@ def beat(name: str, queues: list[str]) -> None:
     """Say that worker ``name`` is alive and consumes ``queues`` (raises on a Redis error)."""
     payload = json.dumps(sorted(queues))
     if settings.REDIS_URL:
-        script = _redis()[0]
-        script(keys=_keys(), args=[name, payload, int(_ttl() * 1000)])
+        rediskeys.script(_BEAT)(keys=_keys(), args=[name, payload, int(_ttl() * 1000)])
         return
     directory = _directory()
     directory.mkdir(parents=True, exist_ok=True)
@@ -131,7 +110,7 @@ def withdraw(name: str) -> None:
     """Worker ``name`` stopped: forget it at once rather than when its heartbeat expires."""
     try:
         if settings.REDIS_URL:
-            _redis()[2](keys=_keys(), args=[name])
+            rediskeys.script(_GONE)(keys=_keys(), args=[name])
         else:
             _file(name).unlink(missing_ok=True)
     except Exception as exc:  # best effort: the entry expires anyway
@@ -141,7 +120,7 @@ def withdraw(name: str) -> None:
 def live_workers() -> list[Worker]:
     """The workers whose heartbeat is fresh. Raises if the store cannot be read."""
     if settings.REDIS_URL:
-        reply = _redis()[1](keys=_keys())
+        reply = rediskeys.script(_LIVE)(keys=_keys())
         pairs = zip(reply[::2], reply[1::2], strict=True)
         return [Worker(_text(name), tuple(json.loads(_text(queues)))) for name, queues in pairs]
     directory = _directory()
@@ -164,10 +143,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def celery_queues() -> list[str]:
+    """Every queue of the project (``CELERY_TASK_QUEUES``: each routed one and the default)."""
+    return sorted(str(queue.name) for queue in settings.CELERY_TASK_QUEUES)
+
+
 def consumers(queues: list[str] | None = None) -> dict[str, int]:
     """Live workers per queue, for ``queues`` (default: every queue of the project)."""
-    from .metrics import celery_queues
-
     counts = Counter(queue for worker in live_workers() for queue in worker.queues)
     return {queue: counts.get(queue, 0) for queue in (queues or celery_queues())}
 

@@ -42,7 +42,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
-from . import rediskeys
+from . import heartbeats, rediskeys
+from .heartbeats import celery_queues
 
 logger = logging.getLogger(__name__)
 
@@ -515,34 +516,15 @@ def _outbox_gauges() -> Iterable[Metric]:
     yield from _waiting(pending, "kind", "kind", "outbox", "Side effects (not yet delivered)")
 
 
-def celery_queues() -> list[str]:
-    """Every queue of the project (``CELERY_TASK_QUEUES``: each routed one and the default)."""
-    return sorted(str(queue.name) for queue in settings.CELERY_TASK_QUEUES)
-
-
 # kombu's Redis transport keeps a queue's priority levels in lists of their own.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)
 
 
-_broker_clients: dict[str, Any] = {}
-
-
-def _broker_client(url: str) -> Any:
-    """A client of the broker's Redis, one per URL for the process (a scrape reuses it)."""
-    client = _broker_clients.get(url)
-    if client is None:
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        _broker_clients[url] = client
-    return client
-
-
 def _queue_gauges() -> Iterable[Metric]:
     if not settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         return
-    client = _broker_client(settings.CELERY_BROKER_URL)
+    client = rediskeys.client(settings.CELERY_BROKER_URL)
     pipe = client.pipeline(transaction=False)
     queues = celery_queues()
     for queue in queues:
@@ -569,8 +551,6 @@ def _queue_gauges() -> Iterable[Metric]:
 
 
 def _consumer_gauges() -> Iterable[Metric]:
-    from . import heartbeats
-
     gauge = GaugeMetricFamily(
         "agentsite_queue_consumers",
         "Live workers consuming each queue (from their heartbeats); 0: its tasks wait.",

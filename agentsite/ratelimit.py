@@ -9,14 +9,13 @@ are off.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from django.conf import settings
 from rest_framework.throttling import BaseThrottle
 
+from . import rediskeys
 from .clientaddress import client_address
-from .rediskeys import key
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +27,6 @@ if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1])
 return {count, ttl}
 """
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-_client_lock = threading.Lock()
-_client: Any = None
-_script: Any = None
 
 
 def parse_rate(rate: str) -> tuple[int, int] | None:
@@ -44,37 +40,18 @@ def parse_rate(rate: str) -> tuple[int, int] | None:
         raise ValueError(f"invalid rate {rate!r}: use '<n>/<second|minute|hour|day>'") from None
 
 
-def _redis() -> tuple[Any, Any]:
-    global _client, _script
-    with _client_lock:
-        if _client is None:
-            import redis
-
-            _client = redis.Redis.from_url(
-                settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1
-            )
-            _script = _client.register_script(_SCRIPT)
-        return _client, _script
-
-
-def redis_client() -> Any:
-    """The process's Redis client for counters (short timeouts: a limit must not hang a
-    request)."""
-    return _redis()[0]
-
-
 def hit(bucket: str, *, limit: int, period: int) -> tuple[bool, float]:
     """Count one request in ``bucket``; returns (allowed, seconds until the window resets)."""
-    _, script = _redis()
-    count, ttl_ms = script(keys=[key(f"rate:{bucket}")], args=[period * 1000])
+    script = rediskeys.script(_SCRIPT, timeout=1)  # a limit must not hang a request
+    count, ttl_ms = script(keys=[rediskeys.key(f"rate:{bucket}")], args=[period * 1000])
     return int(count) <= limit, max(0.0, int(ttl_ms) / 1000)
 
 
 def peek(bucket: str) -> tuple[int, float]:
     """``bucket``'s count in its window, counting nothing, and seconds until the window resets
     (0 with no window open)."""
-    client, _ = _redis()
-    name = key(f"rate:{bucket}")
+    client = rediskeys.client(timeout=1)  # a limit must not hang a request
+    name = rediskeys.key(f"rate:{bucket}")
     count = int(client.get(name) or 0)
     if not count:
         return 0, 0.0

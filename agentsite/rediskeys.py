@@ -1,4 +1,4 @@
-"""Names of the keys Agentsite keeps in Redis, under one prefix.
+"""The keys Agentsite keeps in Redis, under one prefix, and the clients that reach them.
 
 Every key the project writes (rate limits, quotas, circuit breakers, worker heartbeats, event
 stream counts) is named here by ``key()``, and kombu prefixes the broker's own keys (queues,
@@ -10,6 +10,9 @@ strands no queued message.
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 from django.conf import settings
 
@@ -30,3 +33,35 @@ def key(name: str) -> str:
 def broker_key(name: str) -> str:
     """The Redis key kombu uses for ``name`` (a queue, ``unacked``...) under the prefix."""
     return f"{settings.AGENTSITE_REDIS_KEY_PREFIX}{name}"
+
+
+_lock = threading.Lock()
+_clients: dict[tuple[str, float], Any] = {}
+_scripts: dict[tuple[int, str], Any] = {}
+
+
+def client(url: str = "", *, timeout: float = 2.0) -> Any:
+    """The process's client of ``url`` (default ``REDIS_URL``), one per URL and timeout: a
+    connection pool, thread-safe and cooperative under gevent. Short timeouts: what waits on
+    Redis (a request's limit, a scrape, a heartbeat) must not hang."""
+    url = url or settings.REDIS_URL
+    with _lock:
+        found = _clients.get((url, timeout))
+        if found is None:
+            import redis
+
+            found = _clients[(url, timeout)] = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        return found
+
+
+def script(source: str, *, timeout: float = 2.0) -> Any:
+    """A Lua script on ``client()`` (called with ``keys=`` and ``args=``; EVALSHA, loaded on
+    first use)."""
+    redis_client = client(timeout=timeout)
+    with _lock:
+        found = _scripts.get((id(redis_client), source))
+        if found is None:
+            found = _scripts[(id(redis_client), source)] = redis_client.register_script(source)
+        return found

@@ -140,7 +140,7 @@ WORKER_CONTROL = ["--include", "tests.workercontrol"]
 
 def _queues_of(command: list[str]) -> list[str]:
     """The queues a worker command consumes: its -Q, or every queue of the project."""
-    from agentsite.metrics import celery_queues
+    from agentsite.heartbeats import celery_queues
 
     for flag in ("-Q", "--queues"):
         if flag in command:
@@ -271,7 +271,7 @@ def purge_queues() -> int:
     import redis
 
     from agentsite import rediskeys
-    from agentsite.metrics import celery_queues
+    from agentsite.heartbeats import celery_queues
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     names = [
