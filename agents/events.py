@@ -26,7 +26,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from agentsite import authfailures, metrics
-from agentsite.errors import error_body
+from agentsite.errors import error_body, too_many_requests
 from agentsite.ratelimit import bucket_for, seconds_to_wait
 
 from . import apikeys, streamslots
@@ -83,10 +83,8 @@ def _rate_limited(user: Any, api_key: ApiKey | None) -> JsonResponse | None:
     if seconds is None:
         return None
     wait = max(1, math.ceil(seconds))
-    return JsonResponse(
-        error_body("throttled", f"Request was throttled. Expected available in {wait} seconds."),
-        status=429,
-        headers={"Retry-After": str(wait)},
+    return too_many_requests(
+        "throttled", f"Request was throttled. Expected available in {wait} seconds.", wait
     )
 
 
@@ -98,14 +96,11 @@ def _format(event: Any) -> str:
 def _too_many_streams() -> JsonResponse:
     cap = settings.AGENTSITE_MAX_STREAMS_PER_KEY
     wait = streamslots.RETRY_AFTER_SECONDS
-    return JsonResponse(
-        error_body(
-            "too_many_streams",
-            f"These credentials have {cap} event streams open already, the most allowed. "
-            "Close one, or poll the events as JSON.",
-        ),
-        status=429,
-        headers={"Retry-After": str(wait)},
+    return too_many_requests(
+        "too_many_streams",
+        f"These credentials have {cap} event streams open already, the most allowed. "
+        "Close one, or poll the events as JSON.",
+        wait,
     )
 
 

@@ -62,6 +62,23 @@ def unstorable(value: Any, *, max_depth: int | None = None) -> str:
     return ""
 
 
+def first_surrogate(value: Any) -> str:
+    """The first surrogate code point in any string or key of ``value`` (parsed JSON), or ""."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return ""
+
+
 def count(value: Any) -> int:
     """A token count a server reported, clamped to what the columns hold."""
     try:

@@ -45,6 +45,12 @@ def error_body(code: str, message: str, fields: dict[str, Any] | None = None) ->
     return {"error": {"code": code, "message": message, "fields": fields or {}}}
 
 
+def too_many_requests(code: str, message: str, wait: int) -> JsonResponse:
+    """A 429 in the error shape with ``Retry-After``, for views outside DRF (DRF's Throttled
+    goes through the handler below)."""
+    return JsonResponse(error_body(code, message), status=429, headers={"Retry-After": str(wait)})
+
+
 def _flatten(detail: Any) -> dict[str, Any]:
     if isinstance(detail, dict):
         return {

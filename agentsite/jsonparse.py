@@ -20,6 +20,8 @@ from rest_framework import parsers
 from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.settings import api_settings
 
+from agents.jsonsafe import first_surrogate, unstorable
+
 # A JSON string, or an unterminated one up to the end of the text: every opening quote matches,
 # so a scan is linear however the quotes and backslashes fall.
 _STRING = r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'
@@ -29,7 +31,6 @@ _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 # A surrogate escape in the text, or a surrogate decoded from the body by an odd charset.
 _MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class JsonInputError(ValueError):
@@ -114,30 +115,13 @@ def printable(text: str) -> str:
 def _check_unicode(value: Any, *, fields: bool) -> None:
     if fields and isinstance(value, dict):
         for key, item in value.items():
-            found = _first_surrogate(key) or _first_surrogate(item)
+            found = first_surrogate(key) or first_surrogate(item)
             if found:
                 raise JsonInputError(_surrogate_message(found), field=printable(key))
         return
-    found = _first_surrogate(value)
+    found = first_surrogate(value)
     if found:
         raise JsonInputError(_surrogate_message(found))
-
-
-def _first_surrogate(value: Any) -> str:
-    """The first surrogate code point in any string or key of ``value`` (parsed JSON), or ""."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            found = _SURROGATE.search(item)
-            if found:
-                return found.group()
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return ""
 
 
 def _surrogate_message(char: str) -> str:
@@ -177,8 +161,6 @@ class JSONFormField(forms.JSONField):
             raise forms.ValidationError(
                 self.error_messages["invalid"], code="invalid", params={"value": value}
             ) from None
-        from agents.jsonsafe import unstorable
-
         problem = unstorable(converted)
         if problem:
             raise forms.ValidationError(f"The value {problem}.", code="invalid")

@@ -17,6 +17,7 @@ import dj_database_url
 import kombu as _kombu
 from django.core.exceptions import ImproperlyConfigured
 
+from agentsite import derivedkeys as _derivedkeys
 from agentsite import envfile as _envfile
 from agentsite import outbound as _outbound
 from agentsite import redaction as _redaction
@@ -65,6 +66,17 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def env_networks(name: str) -> list[str]:
+    """Networks in CIDR form (an address alone is one host), comma-separated, normalised."""
+    networks = []
+    for entry in env_list(name):
+        try:
+            networks.append(str(_outbound.parse_network(entry)))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {exc}") from None
+    return networks
+
+
 # --- Core -------------------------------------------------------------------------------------
 
 DEBUG = env_bool("DEBUG", False)
@@ -80,14 +92,9 @@ if not SECRET_KEY:
 # The HMAC key of the audit trail's hash chain (audittrail.chain). It must not change once events
 # are sealed: every seal made with the old key would then fail verify_audit. The default is
 # derived from SECRET_KEY, so set this explicitly before rotating SECRET_KEY.
-AGENTSITE_AUDIT_KEY = os.environ.get("AGENTSITE_AUDIT_KEY", "")
-if not AGENTSITE_AUDIT_KEY:
-    import hashlib as _hashlib
-    import hmac as _hmac
-
-    AGENTSITE_AUDIT_KEY = _hmac.new(
-        SECRET_KEY.encode(), b"agentsite-audit-chain", _hashlib.sha256
-    ).hexdigest()
+AGENTSITE_AUDIT_KEY = os.environ.get("AGENTSITE_AUDIT_KEY", "") or _derivedkeys.audit_key(
+    SECRET_KEY
+)
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]" if DEBUG else "")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
@@ -438,12 +445,7 @@ AGENTSITE_HTTP_GET_MAX_REDIRECTS = env_int("AGENTSITE_HTTP_GET_MAX_REDIRECTS", 3
 # http_get and webhooks contact public addresses only (every address the name resolves to is
 # checked, and the connection goes to the checked one), except in these networks
 # (comma-separated CIDRs, e.g. 10.20.0.0/16,fd00:1::/64). The test suite allows 127.0.0.0/8.
-AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = env_list("AGENTSITE_OUTBOUND_ALLOWED_NETWORKS")
-for _entry in AGENTSITE_OUTBOUND_ALLOWED_NETWORKS:
-    try:
-        _outbound.parse_network(_entry)
-    except ValueError as _exc:
-        raise ImproperlyConfigured(f"AGENTSITE_OUTBOUND_ALLOWED_NETWORKS: {_exc}") from None
+AGENTSITE_OUTBOUND_ALLOWED_NETWORKS = env_networks("AGENTSITE_OUTBOUND_ALLOWED_NETWORKS")
 # The outbox relay gives up on a side effect after this many failed deliveries.
 AGENTSITE_OUTBOX_MAX_ATTEMPTS = env_int("AGENTSITE_OUTBOX_MAX_ATTEMPTS", 5)
 
@@ -557,23 +559,9 @@ for _rate_name in ("AGENTSITE_API_RATE_LIMIT", "AGENTSITE_AUTH_FAILURE_RATE_LIMI
         )
 
 
-def _env_networks(name: str) -> list[str]:
-    import ipaddress
-
-    networks = []
-    for entry in env_list(name):
-        try:
-            networks.append(str(ipaddress.ip_network(entry, strict=False)))
-        except ValueError:
-            raise ImproperlyConfigured(
-                f"{name}: {entry!r} is not an IP address or network (CIDR)"
-            ) from None
-    return networks
-
-
 # Reverse proxies (addresses or CIDRs) whose X-Forwarded-For is believed: when the peer is one,
 # the client is the right-most forwarded address that is not a trusted proxy. Empty: the peer.
-AGENTSITE_TRUSTED_PROXIES = _env_networks("AGENTSITE_TRUSTED_PROXIES")
+AGENTSITE_TRUSTED_PROXIES = env_networks("AGENTSITE_TRUSTED_PROXIES")
 # Hosts webhooks may be sent to: name, name:port, name:* (any port), .domain (and subdomains),
 # [v6 address]:port; without a port, only the scheme's default (80 for http, 443 for https).
 AGENTSITE_WEBHOOK_ALLOWED_HOSTS = env_list("AGENTSITE_WEBHOOK_ALLOWED_HOSTS")
@@ -582,13 +570,9 @@ for _entry in AGENTSITE_WEBHOOK_ALLOWED_HOSTS:
         _outbound.parse_host_pattern(_entry, wildcard=".")
     except ValueError as _exc:
         raise ImproperlyConfigured(f"AGENTSITE_WEBHOOK_ALLOWED_HOSTS: {_entry!r}: {_exc}") from None
-AGENTSITE_WEBHOOK_SECRET = os.environ.get("AGENTSITE_WEBHOOK_SECRET", "")
-if not AGENTSITE_WEBHOOK_SECRET:
-    import hashlib as _hashlib
-
-    AGENTSITE_WEBHOOK_SECRET = _hashlib.sha256(
-        f"agentsite-webhook:{SECRET_KEY}".encode()
-    ).hexdigest()
+AGENTSITE_WEBHOOK_SECRET = os.environ.get(
+    "AGENTSITE_WEBHOOK_SECRET", ""
+) or _derivedkeys.webhook_secret(SECRET_KEY)
 AGENTSITE_EVENTS_POLL_SECONDS = env_float("AGENTSITE_EVENTS_POLL_SECONDS", 0.5)
 AGENTSITE_EVENTS_MAX_SECONDS = env_int("AGENTSITE_EVENTS_MAX_SECONDS", 600)
 AGENTSITE_WEBHOOK_TIMEOUT = env_float("AGENTSITE_WEBHOOK_TIMEOUT", 10.0)
