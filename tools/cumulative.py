@@ -32,12 +32,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import transaction
 
-if TYPE_CHECKING:
-    from agents.models import Run
+from agents.models import Run, Step
+
+from .registry import registry
 
 CALL = "*"  # the constraints key of rules about the call itself, not one argument
 SUM_RULES = ("sum_max", "approve_sum_above")
@@ -47,10 +48,6 @@ SCOPES = ("run", "session")
 
 def is_cumulative(rules: Any) -> bool:
     return isinstance(rules, Mapping) and any(r in rules for r in (*SUM_RULES, *CALL_RULES))
-
-
-def has_cumulative(rule_sets: Iterable[Mapping[str, Any]]) -> bool:
-    return any(is_cumulative(rules) for rule_set in rule_sets for rules in rule_set.values())
 
 
 def _number(value: Any) -> Decimal | None:
@@ -106,10 +103,6 @@ def totals(
 ) -> Totals:
     """The totals of ``tool``'s counted calls in ``run``'s scope, but the call at
     ``step_index`` (the one being decided; None: not recorded yet)."""
-    from agents.models import Step
-
-    from .registry import registry
-
     spec = registry.get(tool)
 
     steps = Step.objects.filter(kind=Step.Kind.TOOL, tool_name=tool).exclude(
@@ -157,16 +150,18 @@ def check(
     step_index: int | None,
 ) -> Verdict:
     """Apply the cumulative rules of ``rule_sets`` (each grant's constraints) to this call of
-    ``tool`` with its validated ``arguments``. Reads the totals under the run's lock."""
+    ``tool`` with its validated ``arguments``, the totals read under the run's lock.
+
+    A caller inside a transaction holds that lock already (the engine deciding a turn's calls,
+    a reviewer's decision); outside one (the check before execution) it is taken here, so an
+    edit decided meanwhile is seen whole or not at all."""
     rule_sets = [r for r in rule_sets if any(is_cumulative(v) for v in r.values())]
     if not rule_sets:
         return Verdict()
+    if transaction.get_connection().in_atomic_block:
+        return _check_locked(run, tool, arguments, rule_sets, step_index=step_index)
     with transaction.atomic():
-        from agents.models import Run as RunModel
-
-        # Re-entrant: the engine and a decision hold it already; the check before execution
-        # takes it here, so an edit decided meanwhile is either seen whole or not at all.
-        RunModel.objects.select_for_update(of=("self",)).filter(pk=run.pk).values("pk").first()
+        Run.objects.select_for_update(of=("self",)).filter(pk=run.pk).order_by().exists()
         return _check_locked(run, tool, arguments, rule_sets, step_index=step_index)
 
 

@@ -115,12 +115,11 @@ def authorize(
             )
     modes = {frozen.get("mode"), grant.mode}
     escalation = next((why for r in rule_sets if (why := approval_needed(validated, r))), "")
-    if cumulative.has_cumulative(rule_sets):
-        running = cumulative.check(run, name, validated, rule_sets, step_index=step_index)
-        if running.refusal:
-            refusal = f"arguments for {name} break the agent's grant: {running.refusal}"
-            return Authorization(spec=spec, refusal=refusal)
-        escalation = escalation or running.approval_reason
+    running = cumulative.check(run, name, validated, rule_sets, step_index=step_index)
+    if running.refusal:
+        refusal = f"arguments for {name} break the agent's grant: {running.refusal}"
+        return Authorization(spec=spec, refusal=refusal)
+    escalation = escalation or running.approval_reason
     mode = (
         ToolGrant.Mode.REQUIRE_APPROVAL
         if ToolGrant.Mode.REQUIRE_APPROVAL in modes or escalation

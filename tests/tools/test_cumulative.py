@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from django.db import close_old_connections
 
+from agents import engine
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
@@ -20,6 +21,7 @@ from tools import breaker
 from tools.constraints import constraint_errors
 from tools.models import OutboxMessage
 from tools.registry import registry
+from tools.services import execute_tool_call
 
 
 def refunds(*amounts: Any, order: str = "A-1") -> dict[str, Any]:
@@ -53,6 +55,12 @@ def refunded(run: Run) -> Decimal:
         (Decimal(m.payload["amount"]) for m in OutboxMessage.objects.filter(kind="refund")),
         Decimal(0),
     )
+
+
+def unpublished(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transactional test commits, so its nudges would be published: none is, lest the
+    session's worker take the run this test drives itself."""
+    monkeypatch.setattr("agents.dispatch._send", lambda *args, **options: None)
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +201,10 @@ def test_an_amount_sent_as_a_string_counts_all_the_same(make_agent):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_reviewers_raising_two_held_refunds_at_once_cannot_both_pass(make_agent, admin_user):
+def test_two_reviewers_raising_two_held_refunds_at_once_cannot_both_pass(
+    make_agent, admin_user, monkeypatch
+):
+    unpublished(monkeypatch)
     agent = refund_agent(
         make_agent, {"amount": {"approve_above": 10, "sum_max": 100}}, refunds(20, 20)
     )
@@ -309,3 +320,32 @@ def test_a_negative_amount_makes_no_room_under_sum_max(make_agent):
     run = drive(submit_run(agent=agent, input="refill").pk)
 
     assert executed(run) == ["succeeded", "succeeded", "succeeded", "refused"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_the_check_before_execution_takes_the_runs_lock(
+    make_agent, monkeypatch
+):
+    # As on a worker: the tool call is executed outside any transaction, so the re-check takes
+    # the run's lock itself (the engine's decision of the turn held it already).
+    from django.db import connection
+
+    unpublished(monkeypatch)
+
+    agent = refund_agent(make_agent, {"amount": {"sum_max": 100}}, refunds(60, 60))
+    seen: list[str] = []
+
+    def statements(execute, sql, params, many, context):
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    run = submit_run(agent=agent, input="go")
+    engine.advance(run.pk)  # the model's turn: the first call pending, the second refused
+    assert calls(run) == [("pending", "60"), ("refused", "60")]
+    with connection.execute_wrapper(statements):
+        execute_tool_call(run_id=run.pk, step_index=1)  # as a worker: outside a transaction
+
+    assert calls(run)[0] == ("succeeded", "60")
+    # The check's own lock (the claim and the record lock the run too, in their own ways).
+    locks = [s for s in seen if s.startswith('SELECT %s AS "a" FROM "agents_run"')]
+    assert len(locks) == 1 and locks[0].endswith("FOR UPDATE"), seen
