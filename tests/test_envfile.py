@@ -194,3 +194,64 @@ def test_a_database_url_that_cannot_be_read_is_one_line_without_its_password():
         "postgres://user:password@host:5432/name"
     ]
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_the_derived_keys_are_the_ones_deployments_already_have():
+    # Computed with the formulas settings and secretbox used before agentsite/derivedkeys.py:
+    # a deployment that never set these keys keeps verifying its chain, decrypting its
+    # provider keys and signing webhooks as before.
+    from agentsite import derivedkeys
+
+    assert derivedkeys.audit_key("k3y") == (
+        "7388fc0bc519f73f4f5f5280eafa64bc4ba838088c74ebfb3b0fcb9d612c4bc0"
+    )
+    assert derivedkeys.webhook_secret("k3y") == (
+        "df53bc99a9daa110f87c53cd1654d1e5147ece9fb610d04dbda1b0ea37406e25"
+    )
+    assert derivedkeys.encryption_key("k3y") == "oyeF8FnE07lKqAZ3Y0kztKxO7wK1Z91Sjc3JQ9hGBy8="
+
+
+def _make(directory: Path, *args: str) -> str:
+    """What ``make`` prints with this checkout's Makefile, run from ``directory``."""
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-f",
+            str(ROOT / "Makefile"),
+            "-C",
+            str(directory),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    return result.stdout
+
+
+def test_make_up_takes_its_ports_and_reads_no_env_file_through_honcho(tmp_path):
+    commands = _make(ROOT, "-n", "up", "PORT=8123", "FLOWER_PORT=5999")
+
+    assert "PORT=8123 FLOWER_PORT=5999" in commands
+    # honcho would put .env's values over the environment's: it reads none.
+    assert "honcho start -f Procfile -e /dev/null" in commands
+    procfile = (ROOT / "Procfile").read_text()
+    assert "--port ${PORT:-8000}" in procfile and "--port=${FLOWER_PORT:-5555}" in procfile
+    assert "--no-proxy-headers" in procfile
+    assert " -Q " not in procfile  # the worker consumes every queue
+
+
+def test_two_checkouts_get_their_own_test_database_and_key_space(tmp_path):
+    show = "show: ; @echo $(TEST_DB_NAME) $(TEST_REDIS_KEY_PREFIX)"
+    here = _make(ROOT, "-s", "--eval", show, "show").split()
+    there = _make(tmp_path, "-s", "--eval", show, "show").split()
+
+    assert here[0].startswith("test_agentsite_") and here[1].startswith("agentsite-test-")
+    assert here[0] != there[0] and here[1] != there[1]
+    # make test hands them to the suite, and ignores a developer's .env.
+    commands = _make(ROOT, "-n", "test")
+    assert f"AGENTSITE_TEST_DB_NAME={here[0]}" in commands
+    assert f"AGENTSITE_REDIS_KEY_PREFIX={here[1]}" in commands
+    assert "AGENTSITE_ENV_FILE= " in commands

@@ -20,7 +20,7 @@ from django.utils import timezone
 from agents.models import Run, Step
 from agents.services import submit_run
 from agentsite import heartbeats
-from agentsite.metrics import celery_queues
+from agentsite.heartbeats import celery_queues
 from tests.conftest import poll
 
 ALL_QUEUES = ["default", "maintenance", "models", "tools"]
@@ -218,3 +218,13 @@ def test_a_running_run_whose_next_model_turn_is_due_waits_on_models(
     assert re.search(r"This run has waited 9\d s on the queue &#x27;models&#x27;", page)
     assert re.search(r"1 run has waited up to 9\d s on the queue &#x27;models&#x27;", listing)
     assert "no live worker" not in busy_page
+
+
+def test_readyz_says_null_when_the_heartbeats_cannot_be_read(client, db, settings):
+    # The broker answers, the store of heartbeats does not: unknown is not "every queue served".
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json()["queues_without_consumer"] is None
