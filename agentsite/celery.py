@@ -20,7 +20,6 @@ from celery.signals import (
 )
 from celery.worker.strategy import default as default_strategy
 
-from .envfile import settings_or_exit
 from .heartbeats import Heartbeat
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
@@ -97,6 +96,10 @@ app = Celery("agentsite", task_cls=CheckedTask)
 @app.on_configure.connect
 def _settings_or_exit(**kwargs: Any) -> None:
     """A worker, beat or Flower with a bad setting says so in one line and exits."""
+    # Imported here, not with the package: `python -m agentsite.envfile` (make demo) must run
+    # the module before anything imports it (runpy warns otherwise).
+    from .envfile import settings_or_exit
+
     settings_or_exit()
 
 

@@ -73,6 +73,7 @@ def test_the_command_make_demo_runs_writes_it(tmp_path):
     second = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
     assert first.returncode == 0 and f"wrote {target}" in first.stdout
+    assert first.stderr == ""  # e.g. no runpy warning: nothing imports the module before it runs
     assert second.returncode == 0 and second.stdout == ""
 
 
