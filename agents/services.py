@@ -21,6 +21,7 @@ from agentsite import tracing
 from . import apikeys, audit, governance
 from .audit import Actor
 from .dispatch import advance_run_on_commit
+from .engine import transitions
 from .exceptions import (
     AgentNotFound,
     AgentUnavailable,
@@ -41,6 +42,7 @@ from .models import (
     ModelProvider,
     Run,
     Session,
+    Step,
     new_trace_id,
 )
 from .secretbox import encrypt
@@ -458,13 +460,13 @@ def cancel_run(*, run_id: UUID | str, user: User | None = None) -> Run:
 
     Raises RunAlreadyFinished for a run in a final status.
     """
-    from .engine import finish_run
-
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run_id)
+        run = transitions.lock_run(run_id)
+        if run is None:
+            raise Run.DoesNotExist(f"no run {run_id}")
         if run.is_final:
             raise RunAlreadyFinished(f"run {run.pk} already {run.status}")
-        finish_run(
+        transitions.finish_run(
             run,
             Run.Status.CANCELLED,
             error_code="cancelled",
@@ -483,11 +485,10 @@ def retry_run(*, run_id: UUID | str, user: User | None = None) -> Run:
     fail, failed on no step (a budget or a policy: it would fail again the same way), or whose
     session has moved on to a later run.
     """
-    from .engine import reopen_failed_run
-    from .models import Step
-
     with transaction.atomic(), audit.batched():
-        run = Run.objects.select_for_update().get(pk=run_id)
+        run = transitions.lock_run(run_id)
+        if run is None:
+            raise Run.DoesNotExist(f"no run {run_id}")
         if run.status != Run.Status.FAILED:
             raise RunNotRetryable(f"run {run.pk} is {run.status}: only failed runs are retried")
         last = run.steps.order_by("-index").first()
@@ -506,7 +507,7 @@ def retry_run(*, run_id: UUID | str, user: User | None = None) -> Run:
                 f"run {run.pk}: a later run of its session has started since; retrying it "
                 "would answer out of order"
             )
-        reopen_failed_run(run, step=last, by=Actor.user(user, otherwise="operator"))
+        transitions.reopen_failed_run(run, step=last, by=Actor.user(user, otherwise="operator"))
     return run
 
 

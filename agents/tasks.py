@@ -19,7 +19,7 @@ from agentsite.celery import CheckedTask
 from agentsite.pools import connections_returned_if_killed
 
 from . import engine, reconciler, webhooks
-from .dispatch import advance_run_on_commit
+from .dispatch import advance_run_on_commit, tool_call_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,33 @@ def advance_run(self: object, run_id: str) -> None:
         outcome = engine.advance(run_id)
     if outcome.retry_in is not None:
         advance_run_on_commit(run_id, countdown=outcome.retry_in)
+
+
+@shared_task(
+    name="tools.execute_tool_call",  # its name since the first wave: messages in flight run
+    base=StepTask,
+    acks_late=True,
+    autoretry_for=DB_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=8,
+)
+def execute_tool_call(run_id: str, step_index: int) -> None:
+    """Run one tool step (time limits are the tool's, set by the publisher) and nudge the run.
+
+    Idempotent: a redelivered message finds the step done or held by a live worker.
+    """
+    try:
+        UUID(str(run_id))
+        step_index = int(step_index)
+    except (TypeError, ValueError):
+        logger.error("execute_tool_call: rejected malformed arguments %r %r", run_id, step_index)
+        return
+    with connections_returned_if_killed(), logs.bound(run_id=str(run_id), step=step_index):
+        outcome = engine.execute_tool_call(run_id=run_id, step_index=step_index)
+    if outcome.retry_in is not None:
+        tool_call_on_commit(run_id, step_index, timeout=outcome.timeout, countdown=outcome.retry_in)
 
 
 @shared_task(name="agents.reconcile_runs", acks_late=True, ignore_result=True)

@@ -25,8 +25,6 @@ budget exhausted      approve: the run gets another budget;  the run fails (``bu
 
 from __future__ import annotations
 
-import json
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -35,10 +33,15 @@ from django.db import transaction
 from django.utils import timezone
 
 from agents import audit
-from agents.dispatch import advance_run_on_commit, tool_call_on_commit
+from agents.dispatch import tool_call_on_commit
+from agents.engine import transitions
+from agents.engine.requests import ToolStepRequest
 from agents.jsonsafe import unstorable
 from agents.models import Run, Step
+from agents.outputs import OutputInvalid, check_output
+from tools import policy
 
+from .escalation import sla
 from .models import Approval, action_digest, output_digest
 
 
@@ -65,151 +68,6 @@ class NotAllowedToDecide(DecisionError):
 
 
 DECISIONS = ("approve", "reject", "edit")
-MAX_SLA_MINUTES = 60 * 24 * 365
-CONTEXT_STEPS = 6
-CONTEXT_TEXT_CHARS = 2000
-PRIORITY_NAMES = {label: value for value, label in Approval.Priority.choices}
-
-
-# --- Escalating ------------------------------------------------------------------------------
-
-
-def _clip(value: Any) -> Any:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= CONTEXT_TEXT_CHARS else text[:CONTEXT_TEXT_CHARS] + "…"
-
-
-def _context(run: Run) -> dict[str, Any]:
-    """What a reviewer reads: who asked what, and what the agent did last."""
-    steps = list(run.steps.order_by("-index")[:CONTEXT_STEPS])
-    return {
-        "agent": run.agent.slug,
-        "agent_version": run.agent_version.number,
-        "model_route": run.model_route,
-        "input": run.input,
-        "submitted_by": run.owner.get_username() if run.owner else "",
-        "steps": [
-            {
-                "index": s.index,
-                "kind": s.kind,
-                "status": s.status,
-                "tool": s.tool_name,
-                "arguments": (s.request or {}).get("arguments") if s.kind == "tool" else None,
-                "text": _clip((s.response or {}).get("text") if s.kind == "model" else s.response)
-                if s.response is not None
-                else None,
-                "error": s.error,
-            }
-            for s in reversed(steps)
-        ],
-    }
-
-
-def _sla(run: Run) -> timedelta:
-    minutes = run.agent_version.policy.get(
-        "review_sla_minutes", settings.AGENTSITE_REVIEW_SLA_MINUTES
-    )
-    try:
-        return timedelta(minutes=min(max(1.0, float(minutes)), MAX_SLA_MINUTES))
-    except (TypeError, ValueError, OverflowError):
-        return timedelta(minutes=settings.AGENTSITE_REVIEW_SLA_MINUTES)
-
-
-def _priority(run: Run, reason: str) -> int:
-    policy = run.agent_version.policy
-    by_reason = policy.get("priorities") if isinstance(policy.get("priorities"), dict) else {}
-    name = (by_reason or {}).get(reason) or policy.get("priority") or "normal"
-    return PRIORITY_NAMES.get(str(name), Approval.Priority.NORMAL)
-
-
-def escalate(
-    run: Run,
-    *,
-    step_index: int,
-    reason: str,
-    detail: str = "",
-    tool_name: str = "",
-    arguments: Any = None,
-    output: Any = None,
-) -> Approval:
-    """Create a pending approval (inside the engine's transaction, under the run's lock) and
-    audit it. The caller moves the run to ``waiting_approval``."""
-    is_tool = reason in Approval.TOOL_REASONS
-    approval = Approval.objects.create(
-        run=run,
-        step_index=step_index,
-        reason=reason,
-        detail=detail,
-        priority=_priority(run, reason),
-        due_at=timezone.now() + _sla(run),
-        context=_context(run),
-        tool_name=tool_name,
-        proposed_arguments=arguments if is_tool else {},
-        proposed_output=None if is_tool else output,
-        proposed_digest=action_digest(tool_name, arguments) if is_tool else output_digest(output),
-    )
-    audit.record(
-        "approval.requested",
-        run=run,
-        step_index=step_index,
-        payload={
-            "approval": str(approval.pk),
-            "reason": reason,
-            "detail": detail,
-            "tool": tool_name,
-            "digest": approval.proposed_digest,
-            "priority": approval.get_priority_display(),
-            "due_at": approval.due_at.isoformat() if approval.due_at else None,
-        },
-    )
-    return approval
-
-
-def request_tool_approval(run: Run, step: Step, *, reason: str = "", detail: str = "") -> Approval:
-    """Hold ``step`` (already ``awaiting_approval``) for a reviewer."""
-    return escalate(
-        run,
-        step_index=step.index,
-        reason=reason or Approval.Reason.TOOL_REQUIRES_APPROVAL,
-        detail=detail or f"the agent's grant of {step.tool_name} requires approval",
-        tool_name=step.tool_name,
-        arguments=step.request.get("arguments"),
-    )
-
-
-def cancel_pending_approvals(run: Run, *, by: audit.Actor = audit.ENGINE) -> int:
-    """The run ended: its open approvals can no longer be decided."""
-    pending = list(
-        Approval.objects.filter(run=run, status=Approval.Status.PENDING).values_list(
-            "pk", "step_index"
-        )
-    )
-    if not pending:
-        return 0
-    Approval.objects.filter(pk__in=[pk for pk, _ in pending]).update(
-        status=Approval.Status.CANCELLED, decided_at=timezone.now()
-    )
-    for pk, step_index in pending:
-        audit.record(
-            "approval.cancelled",
-            run=run,
-            step_index=step_index,
-            by=by,
-            payload={"approval": str(pk), "why": f"the run is {run.status}"},
-        )
-    return len(pending)
-
-
-def budget_allowance(run: Run) -> int:
-    """How many budgets the run has: 1, plus one per approved budget escalation."""
-    return (
-        1
-        + Approval.objects.filter(
-            run=run, reason=Approval.Reason.BUDGET_EXHAUSTED, status=Approval.Status.APPROVED
-        ).count()
-    )
 
 
 # --- Deciding --------------------------------------------------------------------------------
@@ -262,11 +120,8 @@ def decide(
         run_id = Approval.objects.filter(pk=approval_id).values_list("run_id", flat=True).first()
         if run_id is None:
             raise ApprovalNotFound("no such approval")
-        run = (
-            Run.objects.select_for_update(of=("self",))
-            .select_related("agent_version", "agent")
-            .get(pk=run_id)
-        )
+        run = transitions.lock_run(run_id, related=("agent_version", "agent"))
+        assert run is not None  # an approval's run is never deleted while the approval lives
         approval = Approval.objects.select_for_update().get(pk=approval_id)
         if not system:
             check_reviewer(user, run)
@@ -282,7 +137,7 @@ def decide(
         else:
             _decide_answer(run, approval, decision, output, comment, decider, actor, expired)
         if not run.is_final:
-            _resume_if_nothing_held(run, actor)
+            transitions.resume_after_review(run, by=actor)
         approval.refresh_from_db()
         return approval
 
@@ -314,19 +169,15 @@ def _decide_tool_call(
     actor: audit.Actor,
     expired: bool = False,
 ) -> None:
-    from tools import policy
-
     step = _held_step(run, approval)
-    now = timezone.now()
     if decision == "reject":
-        Step.objects.filter(pk=step.pk).update(
-            status=Step.Status.REFUSED,
+        transitions.refuse_held_call(
+            step,
             error=(
                 f"no reviewer decided on this call in time ({comment})"
                 if expired
                 else f"a human reviewer rejected this call: {comment}"
             ),
-            finished_at=now,
         )
         _mark(approval, _rejected(expired), user, comment)
         audit.record(
@@ -344,14 +195,17 @@ def _decide_tool_call(
     if verdict.refusal:
         raise DecisionError(verdict.refusal, field="arguments" if decision == "edit" else None)
     assert verdict.spec is not None
-    request = {"arguments": final, "approval": str(approval.pk)}
+    request = ToolStepRequest(arguments=final, approval=str(approval.pk))
     if decision == "edit":
-        request["proposed_arguments"] = approval.proposed_arguments
-    Step.objects.filter(pk=step.pk).update(status=Step.Status.PENDING, request=request)
+        request = ToolStepRequest(
+            arguments=final,
+            approval=str(approval.pk),
+            proposed_arguments=approval.proposed_arguments,
+        )
+    transitions.release_held_call(step, request)
     # The digest of the arguments as stored (jsonb may normalise numbers): exactly what the
     # executor will read back and check.
-    step.refresh_from_db(fields=["request"])
-    final = step.request["arguments"]
+    final = ToolStepRequest.of(step).arguments
     digest = action_digest(step.tool_name, final)
     _mark(
         approval,
@@ -400,9 +254,7 @@ def _answer_the_model(
         reply["answer"] = output
     if expired:
         reply["reviewer_decision"] = "expired"
-    Step.objects.filter(pk=step.pk).update(
-        status=Step.Status.SUCCEEDED, response=reply, finished_at=timezone.now()
-    )
+    transitions.answer_held_call(step, reply)
     status = _rejected(expired) if decision == "reject" else Approval.Status.APPROVED
     _mark(approval, status, user, comment, approved_output=reply.get("answer"))
     audit.record(
@@ -417,8 +269,6 @@ def _answer_the_model(
 def validate_output(run: Run, output: Any) -> Any:
     """The answer as the run would return it, or DecisionError if it fails the agent's output
     schema (the same check the engine makes)."""
-    from agents.outputs import OutputInvalid, check_output
-
     try:
         return check_output(run.agent_version.output_schema, output)
     except OutputInvalid as exc:
@@ -435,8 +285,6 @@ def _decide_answer(
     actor: audit.Actor,
     expired: bool = False,
 ) -> None:
-    from agents.engine import finish_run
-
     payload: dict[str, Any] = {
         "approval": str(approval.pk),
         "reason": approval.reason,
@@ -457,7 +305,7 @@ def _decide_answer(
             code, error = "budget_exceeded", f"a reviewer refused more budget: {comment}"
         else:
             code, error = "rejected_by_reviewer", f"a reviewer rejected it: {comment}"
-        finish_run(run, Run.Status.FAILED, error_code=code, error=error, by=actor)
+        transitions.finish_run(run, Run.Status.FAILED, error_code=code, error=error, by=actor)
         return
     if approval.reason == Approval.Reason.BUDGET_EXHAUSTED and decision == "approve":
         _mark(approval, Approval.Status.APPROVED, user, comment)
@@ -489,16 +337,7 @@ def _decide_answer(
         by=actor,
         payload={**payload, "edited": decision == "edit", "digest": digest},
     )
-    finish_run(run, Run.Status.SUCCEEDED, result=final, by=actor)
-
-
-def _resume_if_nothing_held(run: Run, actor: audit.Actor) -> None:
-    from agents.engine import resume_after_review
-
-    held = Step.objects.filter(run=run, status=Step.Status.AWAITING_APPROVAL).exists()
-    pending = Approval.objects.filter(run=run, status=Approval.Status.PENDING).exists()
-    if not held and not pending and resume_after_review(run, by=actor):
-        advance_run_on_commit(run.pk)  # a no-op while approved calls are still running
+    transitions.finish_run(run, Run.Status.SUCCEEDED, result=final, by=actor)
 
 
 # --- Overdue ---------------------------------------------------------------------------------
@@ -518,18 +357,15 @@ def expire_overdue(*, limit: int = 200) -> int:
     for approval_id in overdue:
         with transaction.atomic():
             run_id = Approval.objects.values_list("run_id", flat=True).get(pk=approval_id)
-            run = (
-                Run.objects.select_for_update(of=("self",))
-                .select_related("agent_version", "agent")
-                .get(pk=run_id)
-            )
+            run = transitions.lock_run(run_id, related=("agent_version", "agent"))
+            assert run is not None
             approval = Approval.objects.select_for_update().get(pk=approval_id)
             if approval.status != Approval.Status.PENDING or not approval.is_overdue:
                 continue
             actor = audit.Actor.system("review-sla")
             if run.agent_version.policy.get("on_expiry") == "escalate":
                 priority = min(approval.priority + 1, Approval.Priority.URGENT)
-                due = now + _sla(run)
+                due = now + sla(run)
                 Approval.objects.filter(pk=approval.pk).update(priority=priority, due_at=due)
                 audit.record(
                     "approval.escalated",

@@ -19,10 +19,10 @@ from django.db import connection
 from pytest_django.fixtures import validate_django_db
 
 from agents import engine
+from agents.engine import execute_tool_call
 from agents.models import Agent, Run, Step
 from agents.providers.fake_server import FakeOpenAIServer
 from agents.services import save_agent
-from tools.services import execute_tool_call
 
 # The test-only tools, registered in this process as AGENTSITE_TOOL_MODULES registers them in
 # the worker (the catalogue is synced when the test database is migrated).

@@ -6,9 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from agents.tasks import advance_run
+from agents.tasks import advance_run, execute_tool_call
 from agentsite.celery import message_problem
-from tools.tasks import execute_tool_call
 
 RUN = "9b1f0c1e-63a4-4c55-9c55-6a3c2f0e8f11"
 GOOD = {"id": "t-1", "task": "agents.advance_run"}

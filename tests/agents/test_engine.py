@@ -61,7 +61,7 @@ def test_advancing_a_finished_run_again_changes_nothing(make_agent):
     before = (Step.objects.filter(run=run).count(), AuditEvent.objects.filter(run=run).count())
 
     engine.advance(run.pk)
-    from tools.services import execute_tool_call
+    from agents.engine import execute_tool_call
 
     execute_tool_call(run_id=run.pk, step_index=1)
 
@@ -75,10 +75,10 @@ def test_a_step_held_by_a_live_worker_is_left_alone_and_taken_over_when_its_leas
 ):
     agent = make_agent(script=[{"text": "done"}])
     run = submit_run(agent=agent, input="hi")
-    plan = engine._plan(run.pk)  # a worker claims the model step... and dies
+    plan = engine.plan(run.pk)  # a worker claims the model step... and dies
     assert plan is not None and plan.step.attempts == 1
 
-    assert engine._plan(run.pk) is None  # a duplicate nudge: the lease is live
+    assert engine.plan(run.pk) is None  # a duplicate nudge: the lease is live
     Step.objects.filter(pk=plan.step.pk).update(lease_expires_at=timezone.now() - timedelta(1))
 
     run = drive(run.pk)
@@ -92,10 +92,10 @@ def test_a_step_lost_on_every_attempt_fails_the_run(make_agent, settings):
     agent = make_agent(script=[{"text": "done"}])
     run = submit_run(agent=agent, input="hi")
     for _ in range(2):
-        plan = engine._plan(run.pk)
+        plan = engine.plan(run.pk)
         assert plan is not None
         Step.objects.filter(pk=plan.step.pk).update(lease_expires_at=timezone.now())
-    assert engine._plan(run.pk) is None
+    assert engine.plan(run.pk) is None
     run.refresh_from_db()
     assert run.status == Run.Status.FAILED and run.error_code == "worker_lost"
 
@@ -150,7 +150,7 @@ def test_parallel_tool_calls_all_finish_before_the_next_model_turn(make_agent):
     agent = make_agent(tools=["calculator"], script=script)
     run = submit_run(agent=agent, input="go")
     engine.advance(run.pk)
-    from tools.services import execute_tool_call
+    from agents.engine import execute_tool_call
 
     execute_tool_call(run_id=run.pk, step_index=1)
     engine.advance(run.pk)  # two calls still pending: nothing to do yet
@@ -178,7 +178,7 @@ def test_transient_model_errors_are_retried_with_backoff_then_succeed(make_agent
     step = Step.objects.get(run=run)
     assert step.status == Step.Status.PENDING and step.error == "scripted transient failure"
     assert step.not_before > timezone.now()
-    assert engine._plan(run.pk) is None  # an early nudge does not cut the backoff short
+    assert engine.plan(run.pk) is None  # an early nudge does not cut the backoff short
 
     run = drive(run.pk)
     step.refresh_from_db()
@@ -255,9 +255,9 @@ def test_cancel_stops_a_run_and_its_pending_steps(make_agent):
 def test_a_step_finishing_after_cancel_is_not_used(make_agent):
     agent = make_agent(script=[{"text": "late answer"}])
     run = submit_run(agent=agent, input="hi")
-    plan = engine._plan(run.pk)
+    plan = engine.plan(run.pk)
     cancel_run(run_id=run.pk)
-    engine._record_model_answer(plan.step, *_answer("late answer"), route="scripted:demo")
+    engine.record_model_answer(plan.step, *_answer("late answer"), route="scripted:demo")
     run.refresh_from_db()
     assert run.status == Run.Status.CANCELLED and run.result is None
     assert run.steps.get().status == Step.Status.CANCELLED
@@ -279,7 +279,7 @@ def test_session_runs_see_earlier_turns_and_never_interleave(make_agent):
     assert Run.objects.get(pk=second.pk).status == Run.Status.QUEUED
 
     drive(first.pk)
-    plan = engine._plan(second.pk)
+    plan = engine.plan(second.pk)
     assert [m["content"] for m in plan.messages] == [
         "my name is Ada",
         "echo: my name is Ada",
@@ -405,7 +405,7 @@ def test_batched_audit_events_are_written_in_order_with_their_transaction(make_a
 
 
 def test_a_tool_call_whose_worker_dies_every_time_fails_instead_of_repeating(make_agent):
-    from tools.services import _claim
+    from agents.engine.tool_step import claim as _claim
 
     agent = make_agent(tools=["calculator"], script=SEARCH_THEN_ANSWER)
     run = submit_run(agent=agent, input="2+2")

@@ -106,7 +106,7 @@ def test_the_wall_time_budget_stops_the_next_call(make_agent):
     run = submit_run(agent=agent, input="hi")
     engine.advance(run.pk)  # turn 1: asks for the calculator
     drive_tools = Step.objects.filter(run=run, kind="tool").values_list("index", flat=True)
-    from tools.services import execute_tool_call
+    from agents.engine import execute_tool_call
 
     for index in drive_tools:
         execute_tool_call(run_id=run.pk, step_index=index)

@@ -7,11 +7,10 @@ import pytest
 from django.db import OperationalError
 
 from agents import engine, reconciler
+from agents.engine import model_step, tool_step
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
-from agents.tasks import advance_run
-from tools import services as tool_services
-from tools.tasks import execute_tool_call
+from agents.tasks import advance_run, execute_tool_call
 
 CALL = [{"name": "calculator", "arguments": {"expression": "6*7"}}]
 
@@ -24,7 +23,7 @@ def test_a_model_step_task_that_crashes_fails_its_run_with_the_reason(
     make_agent, monkeypatch, settings
 ):
     run = submit_run(agent=make_agent(), input="hello")
-    monkeypatch.setattr(engine, "build_messages", crash)  # a bug in planning, before any call
+    monkeypatch.setattr(model_step, "build_messages", crash)  # a bug in planning, before any call
 
     result = advance_run.apply(args=[str(run.pk)])
 
@@ -47,7 +46,7 @@ def test_a_tool_step_task_that_crashes_fails_its_run_and_cancels_the_call(make_a
     agent = make_agent(script=[{"tool_calls": CALL}, {"text": "42"}], tools=["calculator"])
     run = submit_run(agent=agent, input="what is 6*7?")
     engine.advance(run.pk)  # turn 1 asks for the calculator
-    monkeypatch.setattr(tool_services.policy, "authorize", crash)
+    monkeypatch.setattr(tool_step.policy, "authorize", crash)
 
     result = execute_tool_call.apply(args=[str(run.pk), 1])
 

@@ -11,9 +11,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from agents import engine, governance
+from agents.engine import execute_tool_call
 from agents.models import Run
 from agents.services import submit_run
-from tools.services import execute_tool_call
 
 SCRIPT = [
     {"tool_calls": [{"name": "calculator", "arguments": {"expression": "1+1"}}]},

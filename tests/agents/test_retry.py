@@ -8,11 +8,11 @@ import pytest
 from django.contrib.messages import get_messages
 
 from agents import engine
+from agents.engine import execute_tool_call
 from agents.exceptions import RunNotRetryable
 from agents.models import AuditEvent, Run, Step
 from agents.services import retry_run, submit_run
 from tests.conftest import drive
-from tools.services import execute_tool_call
 
 CALL = [{"name": "calculator", "arguments": {"expression": "6*7"}}]
 

@@ -1158,7 +1158,7 @@ def test_a_worker_planning_a_step_does_not_block_submissions_of_the_agent(
     def worker() -> None:  # what a worker's advance_run does, holding its transaction open
         try:
             with transaction.atomic():
-                engine._plan(first)
+                engine.plan(first)
                 planned.set()
                 release.wait(10)
         finally:

@@ -30,7 +30,7 @@ CALC = [
 CSRF_INPUT = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 
 MODEL = "scripted:demo"  # the agent's route (the scripted provider follows CALC)
-# The story, as agents/engine.py, tools/services.py and approvals/services.py record it.
+# The story, as agents/engine/ and approvals/services.py record it.
 STORY = [
     ("run.submitted", None, "user", "carol"),
     ("run.started", None, "system", "engine"),

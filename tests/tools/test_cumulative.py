@@ -12,6 +12,7 @@ import pytest
 from django.db import close_old_connections
 
 from agents import engine
+from agents.engine import execute_tool_call
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
@@ -21,7 +22,6 @@ from tools import breaker
 from tools.constraints import constraint_errors
 from tools.models import OutboxMessage
 from tools.registry import registry
-from tools.services import execute_tool_call
 
 
 def refunds(*amounts: Any, order: str = "A-1") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from django.core.management import call_command
 from pydantic import BaseModel, Field
 
 from agents import engine
+from agents.engine import execute_tool_call
 from agents.models import AuditEvent, Run, Step
 from agents.services import cancel_run, save_agent, submit_run
 from approvals.models import Approval
@@ -18,7 +19,6 @@ from tests.conftest import drive
 from tools import breaker, policy
 from tools.models import OutboxMessage, Tool, ToolGrant
 from tools.registry import ToolSpec, registry
-from tools.services import execute_tool_call
 
 CALC = [
     {"tool_calls": [{"name": "calculator", "arguments": {"expression": "{input}"}}]},

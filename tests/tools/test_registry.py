@@ -1,4 +1,4 @@
-"""The tool registry, and executing tool steps with tools/services.execute_tool_call."""
+"""The tool registry, and executing tool steps with agents.engine.execute_tool_call."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from django.utils import timezone
 from pydantic import BaseModel, Field
 
 from agents import engine
+from agents.engine import execute_tool_call
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
 from tests.conftest import drive
@@ -24,7 +25,6 @@ from tools.registry import (
     registry,
     tool,
 )
-from tools.services import execute_tool_call
 
 
 class EchoArgs(BaseModel):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -19,31 +17,28 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from agents import audit
 from agents.dispatch import advance_run_on_commit
-from agents.engine import backoff_seconds, countdown, mark_progress
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from approvals.models import Approval, action_digest
+from tools import breaker, policy
+from tools.registry import ToolContext, ToolError, TransientToolError, registry
 
-from . import breaker, policy
-from .registry import ToolContext, ToolError, TransientToolError, registry
+from . import steps, transitions
+from .requests import ToolStepRequest
+from .steps import Outcome, backoff_seconds, countdown
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ToolOutcome:
-    retry_in: float | None = None
-    timeout: int = 30
-
-
-def _claim(run_id: UUID | str, step_index: int) -> Step | None:
+def claim(run_id: UUID | str, step_index: int) -> Step | None:
+    """Take the tool step for one attempt, or None when it is not this caller's to perform:
+    done, held for a reviewer, backing off, held by a live worker, or its run ended."""
     with transaction.atomic(), audit.batched():
         # The step with its run and version in one statement, locking the step's and the run's
         # rows (not the agent version every run shares). Both: after waiting for a lock,
@@ -58,30 +53,16 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             return None  # done, or held for a reviewer: a stray message must not run it
         run = step.run
         if run.is_final:
-            Step.objects.filter(pk=step.pk, status=Step.Status.PENDING).update(
-                status=Step.Status.CANCELLED, finished_at=timezone.now()
-            )
+            steps.cancel_pending(step)
             return None
         if run.status not in (Run.Status.RUNNING, Run.Status.WAITING_APPROVAL):
             return None  # queued (cannot happen for a tool step) or final
-        now = timezone.now()
-        if step.status == Step.Status.PENDING and step.not_before and step.not_before > now:
-            return None  # backing off; the delayed task (or the reconciler) comes back
-        if (
-            step.status == Step.Status.RUNNING
-            and step.lease_expires_at
-            and (step.lease_expires_at > now)
-        ):
-            return None  # a live worker has it
-        if step.status == Step.Status.RUNNING and step.attempts >= _max_attempts(step.tool_name):
+        if steps.not_yet(step):
+            return None  # backing off (the delayed task comes back), or a live worker has it
+        if steps.lost_for_good(step, _max_attempts(step.tool_name)):
             # Its worker died (killed, or over the hard time limit) on every attempt: stop
             # rather than repeat a side effect forever, and let the model read the failure.
-            Step.objects.filter(pk=step.pk, status=Step.Status.RUNNING).update(
-                status=Step.Status.FAILED,
-                error=f"the worker performing attempt {step.attempts} (the last allowed) was lost",
-                finished_at=now,
-                lease_expires_at=None,
-            )
+            steps.fail_lost(step)
             audit.record(
                 "tool_call.failed",
                 run=run,
@@ -94,21 +75,8 @@ def _claim(run_id: UUID | str, step_index: int) -> Step | None:
             )
             advance_run_on_commit(run.pk)
             return None
-        lease = now + timedelta(seconds=_lease_seconds(step.tool_name))
-        claimed = Step.objects.filter(
-            pk=step.pk, status=step.status, attempts=step.attempts
-        ).update(
-            status=Step.Status.RUNNING,
-            attempts=F("attempts") + 1,
-            started_at=now,
-            not_before=None,
-            lease_expires_at=lease,
-        )
-        if not claimed:
+        if not steps.claim(step, lease_seconds=_lease_seconds(step.tool_name)):
             return None
-        # What the conditional UPDATE wrote, without reading the row back.
-        step.status, step.attempts, step.started_at = Step.Status.RUNNING, step.attempts + 1, now
-        step.not_before, step.lease_expires_at = None, lease
         if step.attempts > 1:
             audit.record(
                 "tool_call.attempt",
@@ -140,7 +108,7 @@ def _jsonable(value: Any) -> Any:
     return json_safe(json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)))
 
 
-def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
+def execute_tool_call(*, run_id: UUID | str, step_index: int) -> Outcome:
     """Perform one tool step of a run, at most once at a time, and nudge the run when done.
 
     The call is authorised again here (a grant revoked or a tool disabled since the model asked
@@ -149,9 +117,9 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
     timeouts, connection errors) are retried with backoff up to the tool's ``retries``; other
     failures are reported to the model.
     """
-    step = _claim(run_id, step_index)
+    step = claim(run_id, step_index)
     if step is None:
-        return ToolOutcome()
+        return Outcome()
     attributes = {
         "agentsite.step.kind": "tool",
         "agentsite.step.attempt": step.attempts,
@@ -161,7 +129,7 @@ def execute_tool_call(*, run_id: UUID | str, step_index: int) -> ToolOutcome:
         return _tool_step(step)
 
 
-def _tool_step(step: Step) -> ToolOutcome:
+def _tool_step(step: Step) -> Outcome:
     """Authorise the claimed call again, run the tool, and record what came of it."""
     spec = registry.get(step.tool_name)
     if spec is None:
@@ -171,18 +139,18 @@ def _tool_step(step: Step) -> ToolOutcome:
             latency_ms=None,
             error_type="not_installed",
         )
-        return ToolOutcome()
+        return Outcome()
     run = step.run  # loaded with its version by the claim
-    arguments = step.request.get("arguments")
+    arguments = ToolStepRequest.of(step).arguments
     verdict = policy.authorize(run, spec.name, arguments, step_index=step.index)
     if verdict.refusal:
         _record(step, error=verdict.refusal, latency_ms=None, refused=True)
-        return ToolOutcome()
+        return Outcome()
     if verdict.mode == "require_approval":
         problem = _check_approval(step, arguments)
         if problem:
             _record(step, error=problem, latency_ms=None, refused=True, error_type="not_approved")
-            return ToolOutcome()
+            return Outcome()
     state = breaker.before_call(spec.name)
     if not state.allowed:
         _record(
@@ -191,7 +159,7 @@ def _tool_step(step: Step) -> ToolOutcome:
             latency_ms=None,
             audit_action="tool_call.short_circuited",
         )
-        return ToolOutcome()
+        return Outcome()
     ctx = ToolContext(
         run_id=str(step.run_id),
         step_index=step.index,
@@ -204,7 +172,7 @@ def _tool_step(step: Step) -> ToolOutcome:
     started = time.monotonic()
     transient: Exception | None = None
     try:
-        args = spec.validate(step.request.get("arguments"))
+        args = spec.validate(arguments)
         release_connection()  # a tool that needs the database takes a connection again
         with (
             tracing.span("tool.call", attributes={"agentsite.tool": spec.name}),
@@ -222,7 +190,7 @@ def _tool_step(step: Step) -> ToolOutcome:
     except ToolError as exc:
         breaker.record_success(spec.name)  # it answered; the model's request was at fault
         _record(step, error=str(exc), latency_ms=_ms(started), error_type="tool_error")
-        return ToolOutcome()
+        return Outcome()
     except Exception as exc:
         breaker.record_failure(spec.name)
         logger.exception("tool %s crashed in run %s step %s", spec.name, step.run_id, step.index)
@@ -232,11 +200,11 @@ def _tool_step(step: Step) -> ToolOutcome:
             latency_ms=_ms(started),
             error_type="crash",
         )
-        return ToolOutcome()
+        return Outcome()
     else:
         breaker.record_success(spec.name)
         _record(step, result=result, latency_ms=_ms(started))
-        return ToolOutcome()
+        return Outcome()
 
     breaker.record_failure(spec.name)
 
@@ -248,29 +216,20 @@ def _tool_step(step: Step) -> ToolOutcome:
     if step.attempts <= spec.retries:
         delay = backoff_seconds(step.attempts)
         with transaction.atomic(), audit.batched():
-            run = Run.objects.select_for_update().get(pk=step.run_id)
-            released = Step.objects.filter(
-                pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
-            ).update(
-                status=Step.Status.PENDING,
+            locked = transitions.lock_run(step.run_id)
+            released = locked is not None and steps.schedule_retry(
+                locked,
+                step,
+                delay=delay,
                 error=json_safe(reason),
-                lease_expires_at=None,
-                not_before=timezone.now() + timedelta(seconds=delay),
+                payload={
+                    "tool": spec.name,
+                    "attempt": step.attempts,
+                    "error": reason,
+                    "retry_in": round(delay, 2),
+                },
             )
-            if released:
-                Run.objects.filter(pk=run.pk).update(updated_at=timezone.now())
-                audit.record(
-                    "step.retry_scheduled",
-                    run=run,
-                    step_index=step.index,
-                    payload={
-                        "tool": spec.name,
-                        "attempt": step.attempts,
-                        "error": reason,
-                        "retry_in": round(delay, 2),
-                    },
-                )
-        return ToolOutcome(retry_in=countdown(delay) if released else None, timeout=spec.timeout)
+        return Outcome(retry_in=countdown(delay) if released else None, timeout=spec.timeout)
     timed_out = isinstance(transient, SoftTimeLimitExceeded | TimeoutError)
     _record(
         step,
@@ -278,7 +237,7 @@ def _tool_step(step: Step) -> ToolOutcome:
         latency_ms=_ms(started),
         error_type="timeout" if timed_out else "transient",
     )
-    return ToolOutcome()
+    return Outcome()
 
 
 def _ms(started: float) -> int:
@@ -288,7 +247,7 @@ def _ms(started: float) -> int:
 def _check_approval(step: Step, arguments: Any) -> str:
     """Why an approval-gated call may not run now, or "" when it may: it must carry an approved
     approval whose digest matches exactly what is about to run, consumed by this step only."""
-    approval_id = step.request.get("approval")
+    approval_id = ToolStepRequest.of(step).approval
     approval = (
         Approval.objects.filter(pk=approval_id, run_id=step.run_id).first() if approval_id else None
     )
@@ -344,30 +303,23 @@ def _record_once(
 ) -> None:
     with transaction.atomic(), audit.batched():
         # Only what is read here: the run's input and result can be large JSON.
-        run = (
-            Run.objects.select_for_update(of=("self",))
-            .only("status", "trace_id", "agent_id", "updated_at")
-            .get(pk=step.run_id)
+        run = transitions.lock_run(
+            step.run_id, only=("status", "trace_id", "agent_id", "updated_at")
         )
+        if run is None:
+            return
         if refused:
             status = Step.Status.REFUSED
         else:
             status = Step.Status.FAILED if error else Step.Status.SUCCEEDED
         if run.is_final:
             status = Step.Status.CANCELLED
-        recorded = Step.objects.filter(
-            pk=step.pk, status=Step.Status.RUNNING, attempts=step.attempts
-        ).update(
-            status=status,
-            response=result,
-            error=json_safe(error),
-            latency_ms=latency_ms,
-            finished_at=timezone.now(),
-            lease_expires_at=None,
+        recorded = steps.finish(
+            step, status, response=result, error=json_safe(error), latency_ms=latency_ms
         )
         if not recorded:
             return
-        mark_progress(run)
+        transitions.mark_progress(run)
         outcome = "refused" if refused else "failed" if error else "succeeded"
         logger.info(
             "tool step %s: %s %s%s",

@@ -1,0 +1,109 @@
+"""The tool calls of a model turn: a step each, decided by tools.policy (refused, failed at
+once on an open circuit, held for a reviewer, or sent to run in parallel)."""
+
+from __future__ import annotations
+
+from agents import audit
+from agents.dispatch import advance_run_on_commit, tool_call_on_commit
+from agents.models import Run, Step
+from agents.providers import ModelResponse
+from approvals import escalation
+from approvals.models import Approval
+from tools import policy
+
+from . import budget, transitions
+from .requests import ToolStepRequest
+from .steps import now
+
+# The built-in tool a model calls to ask a human; it is always held for a reviewer.
+ESCALATE_TOOL = "escalate_to_human"
+
+
+def record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> None:
+    """Create a step per tool call and decide each one (tools.policy): a call the agent may not
+    make, or whose arguments fail validation or the grant's constraints, is refused without
+    executing; a call to a tool whose circuit is open fails at once; a call whose grant requires
+    approval waits for a reviewer; the rest are enqueued to run in parallel."""
+    limit = budget.step_limit(run)
+    if model_step.index + len(response.tool_calls) >= limit:
+        budget.exhausted(
+            run,
+            model_step,
+            f"the model asked for {len(response.tool_calls)} tool calls, which would pass the "
+            f"run's limit of {limit} steps",
+        )
+        return
+    live = policy.live_grants(run.agent_id)
+    dispatched = held = 0
+    for offset, call in enumerate(response.tool_calls, start=1):
+        verdict = policy.authorize(
+            run,
+            call.name,
+            call.arguments,
+            arguments_error=call.arguments_error,
+            live=live,
+            step_index=model_step.index + offset,
+        )
+        if verdict.refusal:
+            status = Step.Status.REFUSED
+        elif verdict.unavailable:
+            status = Step.Status.FAILED
+        elif verdict.mode == "require_approval" or call.name == ESCALATE_TOOL:
+            status = Step.Status.AWAITING_APPROVAL
+        else:
+            status = Step.Status.PENDING
+        step = Step.objects.create(
+            run=run,
+            index=model_step.index + offset,
+            kind=Step.Kind.TOOL,
+            parent_index=model_step.index,
+            status=status,
+            tool_name=call.name[:100],
+            tool_call_id=call.id[:200],
+            request=ToolStepRequest(arguments=call.arguments).to_json(),
+            error=verdict.refusal or verdict.unavailable,
+            finished_at=now() if not verdict.allowed else None,
+        )
+        if verdict.refusal:
+            audit.record(
+                "tool_call.refused",
+                run=run,
+                step_index=step.index,
+                payload={"tool": call.name, "reason": verdict.refusal},
+            )
+            continue
+        if verdict.unavailable:
+            audit.record(
+                "tool_call.short_circuited",
+                run=run,
+                step_index=step.index,
+                payload={"tool": call.name, "reason": verdict.unavailable},
+            )
+            continue
+        assert verdict.spec is not None
+        audit.record(
+            "tool_call.requested",
+            run=run,
+            step_index=step.index,
+            by=audit.Actor.agent(model_step.model_route or run.model_route),
+            payload={"tool": call.name, "call_id": call.id, "mode": verdict.mode},
+        )
+        if status == Step.Status.AWAITING_APPROVAL and call.name == ESCALATE_TOOL:
+            arguments = call.arguments if isinstance(call.arguments, dict) else {}
+            escalation.request_tool_approval(
+                run,
+                step,
+                reason=Approval.Reason.MODEL_REQUESTED,
+                detail=str(arguments.get("reason") or "the model asked for a human"),
+            )
+            held += 1
+        elif status == Step.Status.AWAITING_APPROVAL:
+            escalation.request_tool_approval(run, step, detail=verdict.approval_reason)
+            held += 1
+        else:
+            tool_call_on_commit(run.pk, step.index, timeout=verdict.spec.timeout)
+            dispatched += 1
+    if held:
+        transitions.wait_for_review(run, payload={"approvals": held})
+    elif not dispatched:
+        advance_run_on_commit(run.pk)  # let the model read the refusals and failures
