@@ -219,22 +219,13 @@ def _refused_turns_in_a_row(done: list[Step]) -> int:
 def _model_step(plan: ModelStepPlan) -> Outcome:
     """Choose the route, keep the rate limits, call the model and record what it said."""
     run, step = plan.run, plan.step
-    version = run.agent_version
     request = ModelStepRequest.of(step)
     choice = governance.choose_route(
         governance.candidate_routes(run, routine=request.routine), request.route_failures
     )
     throttled = request.throttled
     if choice.route is None:
-        why = "; ".join(f"{r}: {reason}" for r, reason in choice.skipped.items())
-        if choice.exhausted:
-            return _model_step_failed(step, PermanentProviderError(f"no route left ({why})"))
-        error = TransientProviderError(f"no route is available ({why})")
-        if throttled < MAX_THROTTLED:  # an outage parks the step; it does not spend attempts
-            return _put_off(
-                step, choice.retry_in, route="", reason="circuit_open", throttled=throttled + 1
-            )
-        return _model_step_failed(step, error)
+        return _no_route(step, choice, throttled)
     route = choice.route
     if governance.price_of(route) is None and governance.has_cost_limit(run):
         # The chosen route may be a fallback the budget check did not price.
@@ -247,45 +238,8 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
             route=route,
         )
     started = time.monotonic()
-    quotas: list[limits.Quota] = []
     try:
-        provider, model = resolve_route(route)
-        quotas = _quotas(run, provider, plan.estimate)
-        wait = limits.acquire(quotas, window=settings.AGENTSITE_RATE_WINDOW_SECONDS)
-        if wait is not None:
-            return _put_off(step, wait, route=route, reason="rate_limited")
-        # A half-open circuit's one probe is taken only now, when the call surely goes out.
-        busy = governance.take_probe(route) if choice.probe else None
-        if busy is not None:
-            return _put_off(
-                step, busy, route=route, reason="circuit_probe_out", throttled=throttled + 1
-            )
-        release_connection()  # no connection is pinned while the model thinks
-        with (
-            tracing.span(
-                "model.call",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    "gen_ai.operation.name": "chat",
-                    "gen_ai.provider.name": route.partition(":")[0],
-                    "gen_ai.request.model": model,
-                    "agentsite.route": route,
-                },
-            ) as call,
-            soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"),
-        ):
-            response = provider.complete(
-                ModelRequest(
-                    model=model,
-                    messages=plan.messages,
-                    tools=plan.tools,
-                    temperature=version.temperature,
-                    script=version.script,
-                    attempt=step.attempts,
-                )
-            )
-            call.set_attribute("gen_ai.usage.input_tokens", count(response.input_tokens))
-            call.set_attribute("gen_ai.usage.output_tokens", count(response.output_tokens))
+        called = _call(plan, route, probe=choice.probe, throttled=throttled)
     except SoftTimeLimitExceeded:
         governance.report(route, ok=False)
         return _model_step_failed(
@@ -312,13 +266,80 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
     except Exception as exc:  # a bug, not a provider problem: fail visibly, do not loop
         logger.exception("model step %s of run %s crashed", step.index, run.pk)
         return _model_step_failed(step, exc)
+    if isinstance(called, Outcome):
+        return called
+    response, quotas = called
     governance.report(route, ok=True)
     _settle_tokens(quotas, response, time.monotonic() - started)
+    _answered(step, response, route=route, started=started)
+    return Outcome()
+
+
+def _no_route(step: Step, choice: governance.RouteChoice, throttled: int) -> Outcome:
+    """Every route is ruled out (the step fails over) or its circuit is open (it waits)."""
+    why = "; ".join(f"{r}: {reason}" for r, reason in choice.skipped.items())
+    if choice.exhausted:
+        return _model_step_failed(step, PermanentProviderError(f"no route left ({why})"))
+    if throttled < MAX_THROTTLED:  # an outage parks the step; it does not spend attempts
+        return _put_off(
+            step, choice.retry_in, route="", reason="circuit_open", throttled=throttled + 1
+        )
+    return _model_step_failed(step, TransientProviderError(f"no route is available ({why})"))
+
+
+def _call(
+    plan: ModelStepPlan, route: str, *, probe: bool, throttled: int
+) -> tuple[ModelResponse, list[limits.Quota]] | Outcome:
+    """Spend the rate limits and call the model on ``route``; or, when a limit or a half-open
+    circuit says wait, put the step off."""
+    run, step = plan.run, plan.step
+    provider, model = resolve_route(route)
+    quotas = _quotas(run, provider, plan.estimate)
+    wait = limits.acquire(quotas, window=settings.AGENTSITE_RATE_WINDOW_SECONDS)
+    if wait is not None:
+        return _put_off(step, wait, route=route, reason="rate_limited")
+    # A half-open circuit's one probe is taken only now, when the call surely goes out.
+    busy = governance.take_probe(route) if probe else None
+    if busy is not None:
+        return _put_off(
+            step, busy, route=route, reason="circuit_probe_out", throttled=throttled + 1
+        )
+    release_connection()  # no connection is pinned while the model thinks
+    with (
+        tracing.span(
+            "model.call",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": route.partition(":")[0],
+                "gen_ai.request.model": model,
+                "agentsite.route": route,
+            },
+        ) as call,
+        soft_time_limit(settings.AGENTSITE_STEP_SOFT_TIME_LIMIT, "the model call"),
+    ):
+        response = provider.complete(
+            ModelRequest(
+                model=model,
+                messages=plan.messages,
+                tools=plan.tools,
+                temperature=run.agent_version.temperature,
+                script=run.agent_version.script,
+                attempt=step.attempts,
+            )
+        )
+        call.set_attribute("gen_ai.usage.input_tokens", count(response.input_tokens))
+        call.set_attribute("gen_ai.usage.output_tokens", count(response.output_tokens))
+    return response, quotas
+
+
+def _answered(step: Step, response: ModelResponse, *, route: str, started: float) -> None:
+    """Record the answer (it is paid for: ride out a database outage rather than throw it
+    away) and log it."""
     latency_ms = int((time.monotonic() - started) * 1000)
-    # The answer is paid for: ride out a database outage rather than throw it away.
     ride_out_outage(
         lambda: record_model_answer(step, response, latency_ms, route=route),
-        f"recording step {step.index} of run {run.pk}",
+        f"recording step {step.index} of run {step.run_id}",
         # What is left of the task's hard time limit (the call ran within the soft one).
         within=settings.AGENTSITE_STEP_HARD_TIME_LIMIT - (time.monotonic() - started) - 2,
     )
@@ -339,7 +360,6 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
             }
         },
     )
-    return Outcome()
 
 
 def _quota_key(owner: str, unit: str) -> str:

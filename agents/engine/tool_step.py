@@ -27,7 +27,7 @@ from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from approvals.models import Approval, action_digest
 from tools import breaker, policy
-from tools.registry import ToolContext, ToolError, TransientToolError, registry
+from tools.registry import ToolContext, ToolError, ToolSpec, TransientToolError, registry
 
 from . import steps, transitions
 from .requests import ToolStepRequest
@@ -140,25 +140,9 @@ def _tool_step(step: Step) -> Outcome:
             error_type="not_installed",
         )
         return Outcome()
-    run = step.run  # loaded with its version by the claim
     arguments = ToolStepRequest.of(step).arguments
-    verdict = policy.authorize(run, spec.name, arguments, step_index=step.index)
-    if verdict.refusal:
-        _record(step, error=verdict.refusal, latency_ms=None, refused=True)
-        return Outcome()
-    if verdict.mode == "require_approval":
-        problem = _check_approval(step, arguments)
-        if problem:
-            _record(step, error=problem, latency_ms=None, refused=True, error_type="not_approved")
-            return Outcome()
-    state = breaker.before_call(spec.name)
-    if not state.allowed:
-        _record(
-            step,
-            error=policy.unavailable_message(spec.name, state.retry_in),
-            latency_ms=None,
-            audit_action="tool_call.short_circuited",
-        )
+    verdict = _authorised(step, spec, arguments)
+    if verdict is None:
         return Outcome()
     ctx = ToolContext(
         run_id=str(step.run_id),
@@ -170,7 +154,6 @@ def _tool_step(step: Step) -> Outcome:
         constraint_sets=verdict.constraint_sets,
     )
     started = time.monotonic()
-    transient: Exception | None = None
     try:
         args = spec.validate(arguments)
         release_connection()  # a tool that needs the database takes a connection again
@@ -186,7 +169,7 @@ def _tool_step(step: Step) -> Outcome:
         ConnectionError,
         DatabaseError,
     ) as exc:
-        transient = exc
+        transient: Exception = exc
     except ToolError as exc:
         breaker.record_success(spec.name)  # it answered; the model's request was at fault
         _record(step, error=str(exc), latency_ms=_ms(started), error_type="tool_error")
@@ -207,7 +190,35 @@ def _tool_step(step: Step) -> Outcome:
         return Outcome()
 
     breaker.record_failure(spec.name)
+    return _retry_or_give_up(step, spec, transient, started)
 
+
+def _authorised(step: Step, spec: ToolSpec, arguments: Any) -> policy.Authorization | None:
+    """The call's verdict if it may run now; None when it may not (what stopped it is
+    recorded: a refusal, a missing or different approval, an open circuit)."""
+    verdict = policy.authorize(step.run, spec.name, arguments, step_index=step.index)
+    if verdict.refusal:
+        _record(step, error=verdict.refusal, latency_ms=None, refused=True)
+        return None
+    if verdict.mode == "require_approval":
+        problem = _check_approval(step, arguments)
+        if problem:
+            _record(step, error=problem, latency_ms=None, refused=True, error_type="not_approved")
+            return None
+    state = breaker.before_call(spec.name)
+    if not state.allowed:
+        _record(
+            step,
+            error=policy.unavailable_message(spec.name, state.retry_in),
+            latency_ms=None,
+            audit_action="tool_call.short_circuited",
+        )
+        return None
+    return verdict
+
+
+def _retry_or_give_up(step: Step, spec: ToolSpec, transient: Exception, started: float) -> Outcome:
+    """A transient failure: try again after a backoff while the tool's retries last."""
     reason = (
         f"timed out after {spec.timeout}s"
         if isinstance(transient, SoftTimeLimitExceeded)
