@@ -25,6 +25,7 @@ budget exhausted      approve: the run gets another budget;  the run fails (``bu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -196,12 +197,8 @@ def _decide_tool_call(
         raise DecisionError(verdict.refusal, field="arguments" if decision == "edit" else None)
     assert verdict.spec is not None
     request = ToolStepRequest(arguments=final, approval=str(approval.pk))
-    if decision == "edit":
-        request = ToolStepRequest(
-            arguments=final,
-            approval=str(approval.pk),
-            proposed_arguments=approval.proposed_arguments,
-        )
+    if decision == "edit":  # what the model proposed is kept beside what runs
+        request = replace(request, proposed_arguments=approval.proposed_arguments)
     transitions.release_held_call(step, request)
     # The digest of the arguments as stored (jsonb may normalise numbers): exactly what the
     # executor will read back and check.
