@@ -13,6 +13,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
+from .outputs import schema_problem
+
 ROUTE_VALIDATOR = RegexValidator(
     r"^[a-z0-9][a-z0-9_-]*:[^\s]+$",
     "A model route is 'provider:model', e.g. 'scripted:demo' or 'local:llama-3.1-8b'.",
@@ -227,8 +229,6 @@ class Agent(models.Model):
             if problem:
                 errors["escalation_policy"] = problem
         if self.output_schema is not None:
-            from .outputs import schema_problem
-
             schema_error = schema_problem(self.output_schema)
             if schema_error:
                 errors["output_schema"] = schema_error[0].upper() + schema_error[1:] + "."

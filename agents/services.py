@@ -17,6 +17,9 @@ from django.db.models import Max
 from django.utils import timezone
 
 from agentsite import tracing
+from tools.catalogue import sync_tools
+from tools.models import Tool, ToolGrant
+from tools.registry import registry
 
 from . import apikeys, audit, governance
 from .audit import Actor
@@ -221,10 +224,6 @@ def set_grants(*, agent: Agent, grants: list[str] | dict[str, GrantSpec]) -> Non
     mode (``"allow"``, ``"require_approval"``) or to ``{"mode": ..., "constraints": {...}}``.
     Raises ValidationError naming the tool at fault.
     """
-    from tools.catalogue import sync_tools
-    from tools.models import Tool, ToolGrant
-    from tools.registry import registry
-
     wanted: dict[str, dict[str, Any]] = {}
     items = grants.items() if isinstance(grants, dict) else ((name, {}) for name in grants)
     for name, spec in items:
