@@ -28,7 +28,7 @@ from django.utils.timesince import timesince
 from agents.models import Agent, Run
 from agentsite import jsonparse
 
-from . import services
+from . import exceptions, services
 from .models import Approval
 
 QUEUE_TEMPLATE_DIR = "admin/approvals/approval"
@@ -394,7 +394,7 @@ class ApprovalAdmin(admin.ModelAdmin):
         if approval.status == Approval.Status.PENDING:
             try:
                 services.check_reviewer(request.user, run)
-            except services.NotAllowedToDecide as exc:
+            except exceptions.NotAllowedToDecide as exc:
                 not_allowed = str(exc)
         form: DecisionForm | None = None
         status = 200
@@ -437,20 +437,20 @@ class ApprovalAdmin(admin.ModelAdmin):
                 comment=form.cleaned_data.get("comment", ""),
                 **edit,
             )
-        except services.AlreadyDecided as exc:
+        except exceptions.AlreadyDecided as exc:
             self.message_user(
                 request,
                 f"Already decided: {exc}. Your decision was not applied.",
                 messages.WARNING,
             )
             return HttpResponseRedirect(self._queue_url(request))
-        except services.ApprovalNotFound as exc:
+        except exceptions.ApprovalNotFound as exc:
             self.message_user(request, f"Not found: {exc}.", messages.ERROR)
             return HttpResponseRedirect(self._queue_url(request))
-        except services.NotAllowedToDecide as exc:
+        except exceptions.NotAllowedToDecide as exc:
             form.add_error(None, f"Not allowed: {exc}.")
             return None
-        except services.DecisionError as exc:
+        except exceptions.DecisionError as exc:
             field = exc.field if exc.field in form.fields else None
             if exc.field in ("arguments", "output") and field is None:
                 field = form.edit_field
@@ -539,13 +539,13 @@ class ApprovalAdmin(admin.ModelAdmin):
         for approval_id in ids:
             try:
                 services.decide(approval_id, decision=decision, user=request.user, comment=comment)
-            except services.AlreadyDecided:
+            except exceptions.AlreadyDecided:
                 already += 1
-            except services.NotAllowedToDecide:
+            except exceptions.NotAllowedToDecide:
                 forbidden += 1
-            except services.ApprovalNotFound:
+            except exceptions.ApprovalNotFound:
                 already += 1  # gone since the list was shown
-            except services.DecisionError as exc:
+            except exceptions.DecisionError as exc:
                 failures.append(str(exc))
             else:
                 done += 1

@@ -39,30 +39,8 @@ from agents.dispatch import advance_run_on_commit, tool_call_on_commit
 from agents.jsonsafe import unstorable
 from agents.models import Run, Step
 
+from .exceptions import AlreadyDecided, ApprovalNotFound, DecisionError, NotAllowedToDecide
 from .models import Approval, action_digest, output_digest
-
-
-class DecisionError(Exception):
-    """A decision that cannot be taken; ``field`` names the input at fault, if any."""
-
-    code = "invalid_decision"
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class AlreadyDecided(DecisionError):
-    code = "already_decided"
-
-
-class ApprovalNotFound(DecisionError):
-    code = "not_found"
-
-
-class NotAllowedToDecide(DecisionError):
-    code = "forbidden"
-
 
 DECISIONS = ("approve", "reject", "edit")
 MAX_SLA_MINUTES = 60 * 24 * 365
