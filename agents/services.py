@@ -17,9 +17,10 @@ from django.db.models import Max
 from django.utils import timezone
 
 from agentsite import tracing
+from audittrail import writer as audit
+from audittrail.writer import Actor
 
-from . import apikeys, audit, governance
-from .audit import Actor
+from . import apikeys, governance
 from .dispatch import advance_run_on_commit
 from .exceptions import (
     AgentNotFound,

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 
 from agentsite import outbound
+from audittrail import writer as audit
 
 from .exceptions import InvalidRunInput
 
@@ -115,7 +116,6 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     """POST the run's final representation to its webhook. Raises WebhookFailed to retry."""
     import httpx
 
-    from . import audit
     from .models import Run
     from .serializers import RunSerializer
 

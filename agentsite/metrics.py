@@ -4,7 +4,7 @@ Two kinds, kept apart so that no figure is counted twice when several processes 
 
 - **Event metrics** (counters and histograms) live in the process where the event happened:
   runs submitted in the web process, steps and their tokens, cost, retries and deferrals in
-  the worker that performed them. They are fed by ``observe`` from ``agents.audit.record``,
+  the worker that performed them. They are fed by ``observe`` from ``audittrail.writer.record``,
   once the transaction that wrote the audit event commits, so a rolled-back change or a claim
   lost to another worker is never counted. Sum them across processes (``sum by (...)``).
 - **State metrics** (gauges: active runs, pending approvals and their age, Celery queue

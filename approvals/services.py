@@ -34,10 +34,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agents import audit
 from agents.dispatch import advance_run_on_commit, tool_call_on_commit
 from agents.jsonsafe import unstorable
 from agents.models import Run, Step
+from audittrail import writer as audit
 
 from .exceptions import AlreadyDecided, ApprovalNotFound, DecisionError, NotAllowedToDecide
 from .models import Approval, action_digest, output_digest

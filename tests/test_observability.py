@@ -23,13 +23,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
-from agents import audit
 from agents.models import ModelPrice, Run
 from agents.services import create_api_key, submit_run
 from agentsite import logs, metrics, rediskeys, tracing
 from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
+from audittrail import writer as audit
 from tests.conftest import ROOT, _test_database_url
 from tools import breaker
 

@@ -9,7 +9,7 @@ from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
-from agents import audit
+from audittrail import writer as audit
 
 from . import breaker
 from .models import KnowledgeDocument, OutboxMessage, Tool

@@ -7,9 +7,10 @@ import pytest
 from django.db import OperationalError
 
 from agents import engine, reconciler
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from agents.tasks import advance_run
+from audittrail.models import AuditEvent
 from tools import services as tool_services
 from tools.tasks import execute_tool_call
 

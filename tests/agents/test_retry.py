@@ -9,8 +9,9 @@ from django.contrib.messages import get_messages
 
 from agents import engine
 from agents.exceptions import RunNotRetryable
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import retry_run, submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 from tools.services import execute_tool_call
 

@@ -12,10 +12,11 @@ import pytest
 from django.db import close_old_connections
 
 from agents import engine
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
 from approvals.services import DecisionError, decide
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 from tools import breaker
 from tools.constraints import constraint_errors
