@@ -23,6 +23,7 @@ from django.db import transaction
 
 from agentsite import outbound
 from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from .exceptions import InvalidRunInput
 
@@ -161,7 +162,7 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
         Run.objects.filter(pk=run.pk).update(webhook_status=status, webhook_attempts=attempt)
         if status != "pending":
             audit.record(
-                f"webhook.{status}",
+                AuditAction.webhook_ended(status),
                 run=run,
                 payload={"attempts": attempt, **({"error": error} if error else {})},
             )

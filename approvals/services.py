@@ -40,9 +40,9 @@ from agents.models import Run, Step
 from audittrail import writer as audit
 
 from .exceptions import AlreadyDecided, ApprovalNotFound, DecisionError, NotAllowedToDecide
-from .models import Approval, action_digest, output_digest
+from .models import Approval, Decision, action_digest, output_digest
 
-DECISIONS = ("approve", "reject", "edit")
+DECISIONS = tuple(d.value for d in Decision)
 MAX_SLA_MINUTES = 60 * 24 * 365
 CONTEXT_STEPS = 6
 CONTEXT_TEXT_CHARS = 2000
