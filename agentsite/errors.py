@@ -39,6 +39,8 @@ class ErrorCode(StrEnum):
     NOT_AUTHENTICATED = "not_authenticated"
     PERMISSION_DENIED = "permission_denied"
     THROTTLED = "throttled"
+    TOO_MANY_STREAMS = "too_many_streams"
+    METRICS_NOT_CONFIGURED = "metrics_not_configured"
     REQUEST_TOO_LARGE = "request_too_large"
     UNAVAILABLE = "unavailable"
     SERVER_ERROR = "server_error"
@@ -67,7 +69,7 @@ def error_body(code: str, message: str, fields: dict[str, Any] | None = None) ->
 
 def too_many_requests(code: str, message: str, wait: int) -> JsonResponse:
     """A 429 in the error shape with ``Retry-After``, for views outside DRF (DRF's Throttled
-    goes through the handler below)."""
+    goes through agentsite.errorhandler)."""
     return JsonResponse(error_body(code, message), status=429, headers={"Retry-After": str(wait)})
 
 
