@@ -26,6 +26,7 @@ from audittrail import writer as audit
 from audittrail.actions import AuditAction
 
 from .exceptions import InvalidRunInput
+from .models import Run
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,6 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     """POST the run's final representation to its webhook. Raises WebhookFailed to retry."""
     import httpx
 
-    from .models import Run
     from .serializers import RunSerializer
 
     run = Run.objects.select_related("agent", "agent_version", "session").filter(pk=run_id).first()
