@@ -1,4 +1,4 @@
-"""Admin for agents (editable, versioned on save), runs and steps (read-only), providers, audit."""
+"""Admin for agents (editable, versioned on save), runs and steps (read-only), providers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from .models import (
     Agent,
     AgentVersion,
     ApiKey,
-    AuditEvent,
     ModelPrice,
     ModelProvider,
     Run,
@@ -455,13 +454,6 @@ class StepAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class SessionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["id", "agent", "owner", "created_at"]
     list_filter = ["agent"]
-
-
-@admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["created_at", "action", "actor_type", "actor", "run", "step_index"]
-    list_filter = ["action", "actor_type"]
-    search_fields = ["run__id", "trace_id", "actor", "action"]
 
 
 class ModelProviderForm(forms.ModelForm):

@@ -19,9 +19,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from agentsite.apischema import NOT_JSON, TOO_LARGE, error_response
+from audittrail.models import AuditEvent
 
 from . import services, usage
-from .models import Agent, ApiKey, AuditEvent, Run
+from .models import Agent, ApiKey, Run
 from .serializers import (
     AgentSerializer,
     EventPageSerializer,

@@ -39,3 +39,7 @@ class AgentsConfig(AppConfig):
 
         # A wrong admin password counts against its client's failed-authentication limit.
         user_login_failed.connect(on_login_failed, dispatch_uid="agentsite-auth-failures")
+
+        from . import metrics
+
+        metrics.register()

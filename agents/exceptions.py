@@ -1,41 +1,53 @@
 """Domain errors raised by agent services and translated at the edge (CLI, API, admin)."""
 
+from rest_framework import status
 
-class AgentsError(Exception):
-    code = "agents_error"
+from agentsite.errors import DomainError, ErrorCode
+
+# Seconds a client should wait before submitting again when over its cap of unfinished runs.
+ACTIVE_RUNS_RETRY_AFTER = 5
+
+
+class AgentsError(DomainError):
+    code = ErrorCode.AGENTS_ERROR
 
 
 class AgentNotFound(AgentsError):
-    code = "agent_not_found"
+    code = ErrorCode.AGENT_NOT_FOUND
+    field = "agent"
 
 
 class AgentUnavailable(AgentsError):
-    code = "agent_unavailable"
+    code = ErrorCode.AGENT_UNAVAILABLE
+    field = "agent"
 
 
 class InvalidRunInput(AgentsError):
-    code = "invalid_input"
-
-    def __init__(self, message: str, *, field: str = "input") -> None:
-        super().__init__(message)
-        self.field = field
+    code = ErrorCode.INVALID_INPUT
+    field = "input"
 
 
 class RunAlreadyFinished(AgentsError):
-    code = "run_already_finished"
+    code = ErrorCode.RUN_ALREADY_FINISHED
+    status = status.HTTP_409_CONFLICT
 
 
 class RunNotRetryable(AgentsError):
-    code = "run_not_retryable"
+    code = ErrorCode.RUN_NOT_RETRYABLE
 
 
 class IdempotencyConflict(AgentsError):
-    code = "idempotency_conflict"
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+    status = status.HTTP_409_CONFLICT
 
 
 class SessionBusy(AgentsError):
-    code = "session_busy"
+    code = ErrorCode.SESSION_BUSY
+    status = status.HTTP_409_CONFLICT
+    field = "session"
 
 
 class TooManyActiveRuns(AgentsError):
-    code = "too_many_active_runs"
+    code = ErrorCode.TOO_MANY_ACTIVE_RUNS
+    status = status.HTTP_429_TOO_MANY_REQUESTS
+    retry_after = ACTIVE_RUNS_RETRY_AFTER

@@ -14,9 +14,10 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 from tools.registry import registry
 
-from . import audit
 from .dispatch import advance_run_on_commit, tool_call_on_commit
 from .engine import blocked_by_session
 from .models import Run, Step
@@ -92,7 +93,7 @@ def reconcile_stalled_runs(*, limit: int = 500) -> int:
                 advance_run_on_commit(run_id)
             Run.objects.filter(pk=run_id).update(updated_at=now)
             audit.record(
-                "run.nudged",
+                AuditAction.RUN_NUDGED,
                 run=run,
                 by=audit.Actor.system("reconciler"),
                 payload={"tool_steps": [s.index for s in tool_steps]},

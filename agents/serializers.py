@@ -10,10 +10,11 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from audittrail.models import AuditEvent
 from tools.policy import version_grants
 from tools.registry import registry
 
-from .models import Agent, AuditEvent, Run, Step
+from .models import Agent, Run, Step
 
 MAX_METADATA_BYTES = 16 * 1024
 

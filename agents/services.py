@@ -17,14 +17,17 @@ from django.db.models import Max
 from django.utils import timezone
 
 from agentsite import tracing
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
+from audittrail.writer import Actor
 from tools.catalogue import sync_tools
 from tools.models import Tool, ToolGrant
 from tools.registry import registry
 
-from . import apikeys, audit, governance
-from .audit import Actor
+from . import apikeys, governance
 from .dispatch import advance_run_on_commit
 from .engine import transitions
+from .errorcodes import RunErrorCode
 from .exceptions import (
     AgentNotFound,
     AgentUnavailable,
@@ -93,14 +96,14 @@ def publish_agent_version(
             return current
     elif current is not None and current.digest == digest:
         if canary is not None:
-            _set_canary(agent, None, 0, user, action="agent.canary_rolled_back")
+            _set_canary(agent, None, 0, user, action=AuditAction.AGENT_CANARY_ROLLED_BACK)
         return current
     number = (agent.versions.aggregate(n=Max("number"))["n"] or 0) + 1
     version = AgentVersion.objects.create(
         agent=agent, number=number, digest=digest, created_by=user, **snapshot
     )
     audit.record(
-        "agent.version_published",
+        AuditAction.AGENT_VERSION_PUBLISHED,
         payload={"agent": agent.slug, "version": number, "digest": digest},
         by=Actor.user(user),
     )
@@ -108,7 +111,7 @@ def publish_agent_version(
         _set_canary(agent, version, canary_percent, user)
         return version
     if canary is not None:
-        _set_canary(agent, None, 0, user, action="agent.canary_replaced")
+        _set_canary(agent, None, 0, user, action=AuditAction.AGENT_CANARY_REPLACED)
     Agent.objects.filter(pk=agent.pk).update(
         current_version=version, canary_version=None, canary_percent=0
     )
@@ -122,7 +125,7 @@ def _set_canary(
     percent: int,
     user: User | None,
     *,
-    action: str = "agent.canary_started",
+    action: AuditAction = AuditAction.AGENT_CANARY_STARTED,
 ) -> None:
     Agent.objects.filter(pk=agent.pk).update(canary_version=version, canary_percent=percent)
     agent.canary_version, agent.canary_percent = version, percent
@@ -150,7 +153,7 @@ def promote_canary(*, agent: Agent, user: User | None = None) -> AgentVersion:
         current_version=canary, canary_version=None, canary_percent=0
     )
     audit.record(
-        "agent.canary_promoted",
+        AuditAction.AGENT_CANARY_PROMOTED,
         payload={
             "agent": agent.slug,
             "version": canary.number,
@@ -176,7 +179,7 @@ def roll_back_canary(*, agent: Agent, user: User | None = None) -> AgentVersion 
     agent.save()
     set_grants(agent=agent, grants=dict(current.grants or {}))
     audit.record(
-        "agent.canary_rolled_back",
+        AuditAction.AGENT_CANARY_ROLLED_BACK,
         payload={"agent": agent.slug, "version": canary.number, "current": current.number},
         by=Actor.user(user),
     )
@@ -388,7 +391,7 @@ def submit_run(
             request_digest=request_digest,
         )
         audit.record(
-            "run.submitted",
+            AuditAction.RUN_SUBMITTED,
             run=run,
             payload={
                 "agent": agent.slug,
@@ -468,7 +471,7 @@ def cancel_run(*, run_id: UUID | str, user: User | None = None) -> Run:
         transitions.finish_run(
             run,
             Run.Status.CANCELLED,
-            error_code="cancelled",
+            error_code=RunErrorCode.CANCELLED,
             error="cancelled by " + (user.get_username() if user else "an operator"),
             by=Actor.user(user, otherwise="operator"),
         )
@@ -516,7 +519,7 @@ def set_provider_api_key(*, provider: ModelProvider, api_key: str) -> None:
     provider.api_key_encrypted = encrypt(api_key)
     provider.save(update_fields=["api_key_encrypted", "updated_at"])
     audit.record(
-        "provider.key_changed",
+        AuditAction.PROVIDER_KEY_CHANGED,
         payload={"provider": provider.name, "cleared": not api_key},
         by=Actor.system("admin"),
     )
@@ -530,7 +533,8 @@ def create_api_key(*, user: User, name: str = "") -> tuple[ApiKey, str]:
         user=user, name=name, prefix=prefix, key_hash=apikeys.hash_key(plain)
     )
     audit.record(
-        "api_key.created", payload={"prefix": prefix, "user": user.get_username(), "name": name}
+        AuditAction.API_KEY_CREATED,
+        payload={"prefix": prefix, "user": user.get_username(), "name": name},
     )
     return key, plain
 
@@ -542,7 +546,7 @@ def revoke_api_key(*, api_key: ApiKey, by: User | None = None) -> None:
         revoked_at=timezone.now()
     ):
         audit.record(
-            "api_key.revoked",
+            AuditAction.API_KEY_REVOKED,
             payload={"prefix": api_key.prefix},
             by=Actor.user(by, otherwise="admin"),
         )

@@ -22,8 +22,11 @@ from django.conf import settings
 from django.db import transaction
 
 from agentsite import outbound
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from .exceptions import InvalidRunInput
+from .models import Run
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +118,6 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     """POST the run's final representation to its webhook. Raises WebhookFailed to retry."""
     import httpx
 
-    from . import audit
-    from .models import Run
     from .serializers import RunSerializer
 
     run = Run.objects.select_related("agent", "agent_version", "session").filter(pk=run_id).first()
@@ -161,7 +162,7 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
         Run.objects.filter(pk=run.pk).update(webhook_status=status, webhook_attempts=attempt)
         if status != "pending":
             audit.record(
-                f"webhook.{status}",
+                AuditAction.webhook_ended(status),
                 run=run,
                 payload={"attempts": attempt, **({"error": error} if error else {})},
             )

@@ -22,7 +22,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from . import ratelimit
 from .clientaddress import client_address
-from .errors import too_many_requests
+from .errors import ErrorCode, too_many_requests
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def message(wait: int) -> str:
 
 def too_many(wait: int) -> JsonResponse:
     """The 429 in the API's error shape (for views outside DRF)."""
-    return too_many_requests("throttled", message(wait), wait)
+    return too_many_requests(ErrorCode.THROTTLED, message(wait), wait)
 
 
 def on_login_failed(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:

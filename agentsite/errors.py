@@ -2,130 +2,75 @@
 
     {"error": {"code": "invalid", "message": "...", "fields": {"input": ["..."]}}}
 
-Domain exceptions raised by services are translated here, in one place.
+Services raise ``DomainError`` (one family: an ``ErrorCode``, an HTTP status and the input at
+fault, if any); ``agentsite.errorhandler`` renders it, and DRF's own errors, in that shape. This
+module imports no DRF view code, so any app's exceptions can import it.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from enum import StrEnum
+from typing import Any, ClassVar
 
-from django.core.exceptions import PermissionDenied
-from django.db import InterfaceError, OperationalError
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from rest_framework import exceptions, status
-from rest_framework.response import Response
-from rest_framework.views import exception_handler as drf_exception_handler
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import status
 
-from agents import exceptions as domain
 
-logger = logging.getLogger(__name__)
+class ErrorCode(StrEnum):
+    """The ``code`` of an error response: what a client may branch on."""
 
-DOMAIN_STATUS: dict[type[domain.AgentsError], int] = {
-    domain.AgentNotFound: status.HTTP_400_BAD_REQUEST,
-    domain.AgentUnavailable: status.HTTP_400_BAD_REQUEST,
-    domain.InvalidRunInput: status.HTTP_400_BAD_REQUEST,
-    domain.RunAlreadyFinished: status.HTTP_409_CONFLICT,
-    domain.IdempotencyConflict: status.HTTP_409_CONFLICT,
-    domain.SessionBusy: status.HTTP_409_CONFLICT,
-    domain.TooManyActiveRuns: status.HTTP_429_TOO_MANY_REQUESTS,
-}
-DOMAIN_FIELD: dict[type[domain.AgentsError], str] = {
-    domain.AgentNotFound: "agent",
-    domain.AgentUnavailable: "agent",
-    domain.SessionBusy: "session",
-}
-# Seconds a client should wait before submitting again when over its cap of unfinished runs.
-ACTIVE_RUNS_RETRY_AFTER = 5
-# Seconds a client should wait before retrying while the database is unreachable.
-UNAVAILABLE_RETRY_AFTER = 2
+    # Raised by services (DomainError subclasses).
+    AGENTS_ERROR = "agents_error"
+    AGENT_NOT_FOUND = "agent_not_found"
+    AGENT_UNAVAILABLE = "agent_unavailable"
+    INVALID_INPUT = "invalid_input"
+    RUN_ALREADY_FINISHED = "run_already_finished"
+    RUN_NOT_RETRYABLE = "run_not_retryable"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    SESSION_BUSY = "session_busy"
+    TOO_MANY_ACTIVE_RUNS = "too_many_active_runs"
+    INVALID_DECISION = "invalid_decision"
+    ALREADY_DECIDED = "already_decided"
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    # Written by the edges (DRF's other errors keep their own codes: method_not_allowed, ...).
+    INVALID = "invalid"
+    BAD_REQUEST = "bad_request"
+    NOT_AUTHENTICATED = "not_authenticated"
+    PERMISSION_DENIED = "permission_denied"
+    THROTTLED = "throttled"
+    TOO_MANY_STREAMS = "too_many_streams"
+    METRICS_NOT_CONFIGURED = "metrics_not_configured"
+    REQUEST_TOO_LARGE = "request_too_large"
+    UNAVAILABLE = "unavailable"
+    SERVER_ERROR = "server_error"
+
+
+class DomainError(Exception):
+    """A refusal by a service, rendered at the edge (API handler, admin message, CLI).
+
+    Subclasses set ``code`` and ``status``; ``field`` names the input at fault (a class
+    default, or per instance); ``retry_after`` (seconds) adds a Retry-After header."""
+
+    code: ClassVar[ErrorCode]
+    status: ClassVar[int] = status.HTTP_400_BAD_REQUEST
+    retry_after: ClassVar[int | None] = None
+    field: str | None = None
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        if field is not None:
+            self.field = field
 
 
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "fields": fields or {}}}
+    return {"error": {"code": str(code), "message": message, "fields": fields or {}}}
 
 
 def too_many_requests(code: str, message: str, wait: int) -> JsonResponse:
     """A 429 in the error shape with ``Retry-After``, for views outside DRF (DRF's Throttled
-    goes through the handler below)."""
+    goes through agentsite.errorhandler)."""
     return JsonResponse(error_body(code, message), status=429, headers={"Retry-After": str(wait)})
-
-
-def _flatten(detail: Any) -> dict[str, Any]:
-    if isinstance(detail, dict):
-        return {
-            str(k): [str(m) for m in v] if isinstance(v, list) else _flatten(v) or [str(v)]
-            for k, v in detail.items()
-        }
-    return {}
-
-
-def _first_message(fields: dict[str, Any]) -> str:
-    for name, messages in fields.items():
-        if isinstance(messages, list) and messages:
-            return f"{name}: {messages[0]}" if name != "non_field_errors" else str(messages[0])
-        if isinstance(messages, dict):
-            return f"{name}.{_first_message(messages)}"
-    return "Invalid request."
-
-
-def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    if isinstance(exc, domain.AgentsError):
-        code = DOMAIN_STATUS.get(type(exc), status.HTTP_400_BAD_REQUEST)
-        field = getattr(exc, "field", None) or DOMAIN_FIELD.get(type(exc))
-        headers = {}
-        if isinstance(exc, domain.TooManyActiveRuns):
-            headers["Retry-After"] = str(ACTIVE_RUNS_RETRY_AFTER)
-        return Response(
-            error_body(exc.code, str(exc), {field: [str(exc)]} if field else None),
-            status=code,
-            headers=headers,
-        )
-    if isinstance(exc, OperationalError | InterfaceError):
-        # The database is unreachable (restarting, failing over): nothing was accepted, and
-        # the same request (with the same Idempotency-Key) can be sent again.
-        logger.warning("database unavailable in %s: %s", context.get("view"), exc)
-        return Response(
-            error_body("unavailable", "The service is briefly unavailable; retry shortly."),
-            status=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
-        )
-    if isinstance(exc, Http404):
-        exc = exceptions.NotFound()
-    elif isinstance(exc, PermissionDenied):
-        exc = exceptions.PermissionDenied()
-
-    response = drf_exception_handler(exc, context)
-    if response is None:
-        logger.exception("unhandled error in %s", context.get("view"), exc_info=exc)
-        return Response(
-            error_body("server_error", "Internal server error."),
-            status=status.HTTP_500_INTERNAL_SERVER_ERROR,
-        )
-    if isinstance(exc, exceptions.ValidationError):
-        fields = _flatten(exc.detail) if isinstance(exc.detail, dict) else {}
-        message = (
-            _first_message(fields)
-            if fields
-            else "; ".join(str(m) for m in exc.detail)
-            if isinstance(exc.detail, list)
-            else str(exc.detail)
-        )
-        response.data = error_body("invalid", message, fields)
-    elif isinstance(exc, exceptions.APIException):
-        code = exc.get_codes()
-        response.data = error_body(
-            code if isinstance(code, str) else "error", _detail_text(exc.detail)
-        )
-    return response
-
-
-def _detail_text(detail: Any) -> str:
-    if isinstance(detail, list):
-        return "; ".join(str(d) for d in detail)
-    if isinstance(detail, dict):
-        return _first_message(_flatten(detail))
-    return str(detail)
 
 
 def _is_api(request: HttpRequest) -> bool:

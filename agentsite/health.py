@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from agentsite import authfailures, heartbeats, metrics
 from agentsite.celery import app
-from agentsite.errors import error_body
+from agentsite.errors import ErrorCode, error_body
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -63,7 +63,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
             if header:
                 authfailures.record_failure(request)
             response = JsonResponse(
-                error_body("not_authenticated", "A metrics token is needed."), status=401
+                error_body(ErrorCode.NOT_AUTHENTICATED, "A metrics token is needed."), status=401
             )
             response["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
@@ -71,7 +71,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         # Agents, tools, routes and the review queue are not for everyone who reaches the port.
         return JsonResponse(
             error_body(
-                "metrics_not_configured",
+                ErrorCode.METRICS_NOT_CONFIGURED,
                 "Set AGENTSITE_METRICS_TOKEN (scrape with 'Authorization: Bearer <token>'), or "
                 "AGENTSITE_METRICS_PUBLIC=1 where only the monitoring network reaches this port.",
             ),

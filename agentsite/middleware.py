@@ -17,12 +17,12 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from opentelemetry.trace import SpanKind
 
 from . import metrics, tracing
-from .errors import error_body
+from .errors import ErrorCode, error_body
 
 
 def _too_large(limit: int) -> JsonResponse:
     return JsonResponse(
-        error_body("request_too_large", f"The request body is larger than {limit} bytes."),
+        error_body(ErrorCode.REQUEST_TOO_LARGE, f"The request body is larger than {limit} bytes."),
         status=413,
     )
 
@@ -46,7 +46,7 @@ class RequestSizeLimitMiddleware:
                 length = int(declared) if declared else None
             except ValueError:
                 return JsonResponse(
-                    error_body("bad_request", "Content-Length is not a number."), status=400
+                    error_body(ErrorCode.BAD_REQUEST, "Content-Length is not a number."), status=400
                 )
             if length is not None and length > limit:
                 return _too_large(limit)

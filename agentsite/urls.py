@@ -9,7 +9,7 @@ from agents.events import run_events_view
 from approvals.api import ApprovalViewSet
 
 from .authfailures import guard_login
-from .errors import json_or_default
+from .errors import ErrorCode, json_or_default
 from .health import healthz, metrics_view, readyz
 from .landing import landing
 
@@ -42,7 +42,11 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]
 
-handler404 = json_or_default(defaults.page_not_found, "not_found", "Not found.", 404)
-handler500 = json_or_default(defaults.server_error, "server_error", "Internal server error.", 500)
-handler400 = json_or_default(defaults.bad_request, "bad_request", "Bad request.", 400)
-handler403 = json_or_default(defaults.permission_denied, "permission_denied", "Forbidden.", 403)
+handler404 = json_or_default(defaults.page_not_found, ErrorCode.NOT_FOUND, "Not found.", 404)
+handler500 = json_or_default(
+    defaults.server_error, ErrorCode.SERVER_ERROR, "Internal server error.", 500
+)
+handler400 = json_or_default(defaults.bad_request, ErrorCode.BAD_REQUEST, "Bad request.", 400)
+handler403 = json_or_default(
+    defaults.permission_denied, ErrorCode.PERMISSION_DENIED, "Forbidden.", 403
+)

@@ -28,8 +28,8 @@ from django.utils.timesince import timesince
 from agents.models import Agent, Run
 from agentsite import jsonparse
 
-from . import services
-from .models import Approval
+from . import exceptions, services
+from .models import Approval, Decision
 
 QUEUE_TEMPLATE_DIR = "admin/approvals/approval"
 REVIEW_TEMPLATE = f"{QUEUE_TEMPLATE_DIR}/review.html"
@@ -169,7 +169,7 @@ class DecisionForm(forms.Form):
         cleaned = super().clean() or {}
         decision = cleaned.get("decision")
         text = _text(cleaned.get(self.edit_field) or "")
-        if decision == "edit":
+        if decision == Decision.EDIT:
             if not text.strip():
                 what = "arguments" if self.edit_field == "arguments" else "answer"
                 self.add_error(self.edit_field, f"Enter the {what} to use.")
@@ -178,7 +178,7 @@ class DecisionForm(forms.Form):
                 self.value = self._parse(text)
             except ValueError as exc:
                 self.add_error(self.edit_field, str(exc))
-        elif decision == "approve" and text.strip() and self._changed(text):
+        elif decision == Decision.APPROVE and text.strip() and self._changed(text):
             # Approve takes the proposal as it is: an edit here would be silently dropped.
             self.add_error(
                 self.edit_field,
@@ -394,7 +394,7 @@ class ApprovalAdmin(admin.ModelAdmin):
         if approval.status == Approval.Status.PENDING:
             try:
                 services.check_reviewer(request.user, run)
-            except services.NotAllowedToDecide as exc:
+            except exceptions.NotAllowedToDecide as exc:
                 not_allowed = str(exc)
         form: DecisionForm | None = None
         status = 200
@@ -427,7 +427,7 @@ class ApprovalAdmin(admin.ModelAdmin):
         None with the errors on the form otherwise."""
         decision = form.cleaned_data["decision"]
         edit: dict[str, Any] = {}
-        if decision == "edit":
+        if decision == Decision.EDIT:
             edit[form.edit_field] = form.value
         try:
             decided = services.decide(
@@ -437,20 +437,20 @@ class ApprovalAdmin(admin.ModelAdmin):
                 comment=form.cleaned_data.get("comment", ""),
                 **edit,
             )
-        except services.AlreadyDecided as exc:
+        except exceptions.AlreadyDecided as exc:
             self.message_user(
                 request,
                 f"Already decided: {exc}. Your decision was not applied.",
                 messages.WARNING,
             )
             return HttpResponseRedirect(self._queue_url(request))
-        except services.ApprovalNotFound as exc:
+        except exceptions.ApprovalNotFound as exc:
             self.message_user(request, f"Not found: {exc}.", messages.ERROR)
             return HttpResponseRedirect(self._queue_url(request))
-        except services.NotAllowedToDecide as exc:
+        except exceptions.NotAllowedToDecide as exc:
             form.add_error(None, f"Not allowed: {exc}.")
             return None
-        except services.DecisionError as exc:
+        except exceptions.DecisionError as exc:
             field = exc.field if exc.field in form.fields else None
             if exc.field in ("arguments", "output") and field is None:
                 field = form.edit_field
@@ -539,17 +539,17 @@ class ApprovalAdmin(admin.ModelAdmin):
         for approval_id in ids:
             try:
                 services.decide(approval_id, decision=decision, user=request.user, comment=comment)
-            except services.AlreadyDecided:
+            except exceptions.AlreadyDecided:
                 already += 1
-            except services.NotAllowedToDecide:
+            except exceptions.NotAllowedToDecide:
                 forbidden += 1
-            except services.ApprovalNotFound:
+            except exceptions.ApprovalNotFound:
                 already += 1  # gone since the list was shown
-            except services.DecisionError as exc:
+            except exceptions.DecisionError as exc:
                 failures.append(str(exc))
             else:
                 done += 1
-        verb = "approved" if decision == "approve" else "rejected"
+        verb = "approved" if decision == Decision.APPROVE else "rejected"
         report = f"{done} {verb}, {already} already decided, {forbidden} not allowed"
         if failures:
             report += f", {len(failures)} failed ({'; '.join(sorted(set(failures)))})"
@@ -560,7 +560,7 @@ class ApprovalAdmin(admin.ModelAdmin):
         description="Approve the selected escalations as proposed", permissions=["decide"]
     )
     def bulk_approve(self, request: HttpRequest, queryset: QuerySet[Approval]) -> None:
-        self._bulk(request, self._selected(request, queryset), "approve", "")
+        self._bulk(request, self._selected(request, queryset), Decision.APPROVE, "")
 
     @admin.action(description="Reject the selected escalations…", permissions=["decide"])
     def bulk_reject(
@@ -572,7 +572,7 @@ class ApprovalAdmin(admin.ModelAdmin):
         if request.POST.get("post") == "yes":
             comment = (request.POST.get("comment") or "").strip()
             if comment:
-                self._bulk(request, ids, "reject", comment)
+                self._bulk(request, ids, Decision.REJECT, comment)
                 return None
             error = "A rejection needs a comment saying why."
         approvals = list(

@@ -21,14 +21,13 @@ from drf_spectacular.utils import (
     extend_schema,
     extend_schema_view,
 )
-from rest_framework import exceptions, mixins, permissions, status, viewsets
+from rest_framework import exceptions, mixins, permissions, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentsite.apischema import NOT_JSON, TOO_LARGE, error_response
-from agentsite.errors import error_body
 
 from . import services
 from .models import Approval
@@ -43,12 +42,6 @@ from .serializers import (
 UNAUTHENTICATED = {401: error_response("Missing or invalid API key")}
 THROTTLED = {429: error_response("Rate limited; see Retry-After")}
 NOT_FOUND = {404: error_response("No such approval, or the caller may not see the queue")}
-# A decision's refusals from approvals.services, by class (the first match wins).
-DECISION_STATUS: tuple[tuple[type[services.DecisionError], int], ...] = (
-    (services.AlreadyDecided, status.HTTP_409_CONFLICT),
-    (services.NotAllowedToDecide, status.HTTP_403_FORBIDDEN),
-    (services.ApprovalNotFound, status.HTTP_404_NOT_FOUND),
-)
 
 
 def can_view(user: Any) -> bool:
@@ -72,16 +65,6 @@ class IsReviewer(permissions.BasePermission):
         if not getattr(view, "detail", False):
             return False  # the queue: 403
         raise exceptions.NotFound()  # an approval: as if there were none
-
-
-def decision_error(exc: services.DecisionError) -> Response:
-    """A refused decision in the one error shape, with the field at fault if there is one."""
-    code = next(
-        (answer for cls, answer in DECISION_STATUS if isinstance(exc, cls)),
-        status.HTTP_400_BAD_REQUEST,
-    )
-    fields = {exc.field: [str(exc)]} if exc.field else None
-    return Response(error_body(exc.code, str(exc), fields), status=code)
 
 
 @extend_schema_view(
@@ -167,20 +150,18 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def decision(self, request: Request, pk: str | None = None) -> Response:
         """Approve, edit (then approve) or reject, once: 200 with the approval as decided."""
         approval = self.get_object()
-        try:
-            # Who may decide is settled before the body is looked at.
-            services.check_reviewer(request.user, approval.run)
-            incoming = DecisionSerializer(data=request.data, context={"approval": approval})
-            incoming.is_valid(raise_exception=True)
-            data = incoming.validated_data
-            decided = services.decide(
-                approval.pk,
-                decision=data["decision"],
-                user=request.user,
-                arguments=data.get("arguments"),
-                output=data.get("output"),
-                comment=data.get("comment", ""),
-            )
-        except services.DecisionError as exc:
-            return decision_error(exc)
+        # Who may decide is settled before the body is looked at; a refusal (DecisionError)
+        # is rendered by agentsite.errors' handler.
+        services.check_reviewer(request.user, approval.run)
+        incoming = DecisionSerializer(data=request.data, context={"approval": approval})
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        decided = services.decide(
+            approval.pk,
+            decision=data["decision"],
+            user=request.user,
+            arguments=data.get("arguments"),
+            output=data.get("output"),
+            comment=data.get("comment", ""),
+        )
         return Response(ApprovalSerializer(self.get_queryset().get(pk=decided.pk)).data)

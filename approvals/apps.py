@@ -13,6 +13,10 @@ class ApprovalsConfig(AppConfig):
     def ready(self) -> None:
         post_migrate.connect(ensure_reviewers_group, sender=self)
 
+        from . import metrics
+
+        metrics.register()
+
 
 def ensure_reviewers_group(sender: AppConfig, using: str = "default", **kwargs: object) -> None:
     """The ``reviewers`` group exists with exactly the reviewer permissions (after migrate)."""

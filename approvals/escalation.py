@@ -11,8 +11,9 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from agents import audit
 from agents.models import Run, Step
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from .models import Approval, action_digest, output_digest
 
@@ -99,7 +100,7 @@ def escalate(
         proposed_digest=action_digest(tool_name, arguments) if is_tool else output_digest(output),
     )
     audit.record(
-        "approval.requested",
+        AuditAction.APPROVAL_REQUESTED,
         run=run,
         step_index=step_index,
         payload={
@@ -141,7 +142,7 @@ def cancel_pending_approvals(run: Run, *, by: audit.Actor = audit.ENGINE) -> int
     )
     for pk, step_index in pending:
         audit.record(
-            "approval.cancelled",
+            AuditAction.APPROVAL_CANCELLED,
             run=run,
             step_index=step_index,
             by=by,

@@ -5,10 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
 from django.db import models
+
+
+class Decision(StrEnum):
+    """What a reviewer does with an approval (an edit approves what the reviewer wrote)."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+    EDIT = "edit"
 
 
 def action_digest(tool: str, arguments: Any) -> str:

@@ -10,9 +10,9 @@ from rest_framework import serializers
 
 from agents.serializers import StrictSerializer
 
-from .models import Approval
+from .models import Approval, Decision
 
-DECISIONS = ("approve", "reject", "edit")
+DECISIONS = tuple(d.value for d in Decision)
 PRIORITY_NAMES = {label: value for value, label in Approval.Priority.choices}
 ALL_STATUSES = "all"
 
@@ -201,7 +201,7 @@ class DecisionSerializer(StrictSerializer):
         for name in ("arguments", "output"):
             if name not in attrs:
                 continue
-            if attrs["decision"] != "edit":
+            if attrs["decision"] != Decision.EDIT:
                 errors[name] = ["Only sent with the decision edit."]
             elif approval is not None and edit_field(approval) != name:
                 errors[name] = [

@@ -33,42 +33,22 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agents import audit
 from agents.dispatch import tool_call_on_commit
 from agents.engine import transitions
 from agents.engine.requests import ToolStepRequest
+from agents.errorcodes import RunErrorCode
 from agents.jsonsafe import unstorable
 from agents.models import Run, Step
 from agents.outputs import OutputInvalid, check_output
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 from tools import policy
 
 from .escalation import sla
-from .models import Approval, action_digest, output_digest
+from .exceptions import AlreadyDecided, ApprovalNotFound, DecisionError, NotAllowedToDecide
+from .models import Approval, Decision, action_digest, output_digest
 
-
-class DecisionError(Exception):
-    """A decision that cannot be taken; ``field`` names the input at fault, if any."""
-
-    code = "invalid_decision"
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class AlreadyDecided(DecisionError):
-    code = "already_decided"
-
-
-class ApprovalNotFound(DecisionError):
-    code = "not_found"
-
-
-class NotAllowedToDecide(DecisionError):
-    code = "forbidden"
-
-
-DECISIONS = ("approve", "reject", "edit")
+DECISIONS = tuple(d.value for d in Decision)
 
 
 # --- Deciding --------------------------------------------------------------------------------
@@ -110,7 +90,7 @@ def decide(
     if decision not in DECISIONS:
         raise DecisionError(f"decision is one of {', '.join(DECISIONS)}", field="decision")
     comment = (comment or "").strip() if isinstance(comment, str) else ""
-    if decision == "reject" and not comment:
+    if decision == Decision.REJECT and not comment:
         raise DecisionError("a rejection needs a comment saying why", field="comment")
     expired = expired and bool(system)
     for field, value in (("comment", comment), ("arguments", arguments), ("output", output)):
@@ -171,7 +151,7 @@ def _decide_tool_call(
     expired: bool = False,
 ) -> None:
     step = _held_step(run, approval)
-    if decision == "reject":
+    if decision == Decision.REJECT:
         transitions.refuse_held_call(
             step,
             error=(
@@ -182,22 +162,24 @@ def _decide_tool_call(
         )
         _mark(approval, _rejected(expired), user, comment)
         audit.record(
-            f"approval.{_rejected(expired)}",
+            AuditAction.approval_decided(_rejected(expired)),
             run=run,
             step_index=step.index,
             by=actor,
             payload={"approval": str(approval.pk), "tool": step.tool_name, "comment": comment},
         )
         return
-    if decision == "edit" and not isinstance(arguments, dict):
+    if decision == Decision.EDIT and not isinstance(arguments, dict):
         raise DecisionError("edit needs the arguments to run, as a JSON object", field="arguments")
-    final = arguments if decision == "edit" else approval.proposed_arguments
+    final = arguments if decision == Decision.EDIT else approval.proposed_arguments
     verdict = policy.authorize(run, step.tool_name, final, step_index=step.index)
     if verdict.refusal:
-        raise DecisionError(verdict.refusal, field="arguments" if decision == "edit" else None)
+        raise DecisionError(
+            verdict.refusal, field="arguments" if decision == Decision.EDIT else None
+        )
     assert verdict.spec is not None
     request = ToolStepRequest(arguments=final, approval=str(approval.pk))
-    if decision == "edit":  # what the model proposed is kept beside what runs
+    if decision == Decision.EDIT:  # what the model proposed is kept beside what runs
         request = replace(request, proposed_arguments=approval.proposed_arguments)
     transitions.release_held_call(step, request)
     # The digest of the arguments as stored (jsonb may normalise numbers): exactly what the
@@ -213,14 +195,14 @@ def _decide_tool_call(
         approved_digest=digest,
     )
     audit.record(
-        "approval.approved",
+        AuditAction.APPROVAL_APPROVED,
         run=run,
         step_index=step.index,
         by=actor,
         payload={
             "approval": str(approval.pk),
             "tool": step.tool_name,
-            "edited": decision == "edit" and final != approval.proposed_arguments,
+            "edited": decision == Decision.EDIT and final != approval.proposed_arguments,
             "arguments": final,
             "digest": digest,
             "comment": comment,
@@ -242,20 +224,20 @@ def _answer_the_model(
     """escalate_to_human: the reviewer's reply is the tool's result; the model goes on."""
     step = _held_step(run, approval)
     reply: dict[str, Any] = {
-        "reviewer_decision": "rejected" if decision == "reject" else "approved",
+        "reviewer_decision": "rejected" if decision == Decision.REJECT else "approved",
         "comment": comment,
     }
-    if decision == "edit":
+    if decision == Decision.EDIT:
         if output in (None, ""):
             raise DecisionError("edit needs the answer to give the agent", field="output")
         reply["answer"] = output
     if expired:
         reply["reviewer_decision"] = "expired"
     transitions.answer_held_call(step, reply)
-    status = _rejected(expired) if decision == "reject" else Approval.Status.APPROVED
+    status = _rejected(expired) if decision == Decision.REJECT else Approval.Status.APPROVED
     _mark(approval, status, user, comment, approved_output=reply.get("answer"))
     audit.record(
-        f"approval.{status}",
+        AuditAction.approval_decided(status),
         run=run,
         step_index=step.index,
         by=actor,
@@ -287,36 +269,36 @@ def _decide_answer(
         "reason": approval.reason,
         "comment": comment,
     }
-    if decision == "reject":
+    if decision == Decision.REJECT:
         _mark(approval, _rejected(expired), user, comment)
         audit.record(
-            f"approval.{_rejected(expired)}",
+            AuditAction.approval_decided(_rejected(expired)),
             run=run,
             step_index=approval.step_index,
             by=actor,
             payload=payload,
         )
         if expired:
-            code, error = "review_expired", f"no reviewer decided in time ({comment})"
+            code, error = RunErrorCode.REVIEW_EXPIRED, f"no reviewer decided in time ({comment})"
         elif approval.reason == Approval.Reason.BUDGET_EXHAUSTED:
-            code, error = "budget_exceeded", f"a reviewer refused more budget: {comment}"
+            code, error = RunErrorCode.BUDGET_EXCEEDED, f"a reviewer refused more budget: {comment}"
         else:
-            code, error = "rejected_by_reviewer", f"a reviewer rejected it: {comment}"
+            code, error = RunErrorCode.REJECTED_BY_REVIEWER, f"a reviewer rejected it: {comment}"
         transitions.finish_run(run, Run.Status.FAILED, error_code=code, error=error, by=actor)
         return
-    if approval.reason == Approval.Reason.BUDGET_EXHAUSTED and decision == "approve":
+    if approval.reason == Approval.Reason.BUDGET_EXHAUSTED and decision == Decision.APPROVE:
         _mark(approval, Approval.Status.APPROVED, user, comment)
         audit.record(
-            "approval.approved",
+            AuditAction.APPROVAL_APPROVED,
             run=run,
             step_index=approval.step_index,
             by=actor,
             payload={**payload, "effect": "another budget"},
         )
         return  # _resume_if_nothing_held resumes it; the engine counts the new allowance
-    if decision == "edit" and output is None:
+    if decision == Decision.EDIT and output is None:
         raise DecisionError("edit needs the answer to return", field="output")
-    proposed = approval.proposed_output if decision == "approve" else output
+    proposed = approval.proposed_output if decision == Decision.APPROVE else output
     final = validate_output(run, proposed)
     digest = output_digest(final)
     _mark(
@@ -328,11 +310,11 @@ def _decide_answer(
         approved_digest=digest,
     )
     audit.record(
-        "approval.approved",
+        AuditAction.APPROVAL_APPROVED,
         run=run,
         step_index=approval.step_index,
         by=actor,
-        payload={**payload, "edited": decision == "edit", "digest": digest},
+        payload={**payload, "edited": decision == Decision.EDIT, "digest": digest},
     )
     transitions.finish_run(run, Run.Status.SUCCEEDED, result=final, by=actor)
 
@@ -365,7 +347,7 @@ def expire_overdue(*, limit: int = 200) -> int:
                 due = now + sla(run)
                 Approval.objects.filter(pk=approval.pk).update(priority=priority, due_at=due)
                 audit.record(
-                    "approval.escalated",
+                    AuditAction.APPROVAL_ESCALATED,
                     run=run,
                     step_index=approval.step_index,
                     by=actor,
@@ -380,7 +362,7 @@ def expire_overdue(*, limit: int = 200) -> int:
         try:
             decide(
                 approval_id,
-                decision="reject",
+                decision=Decision.REJECT,
                 user=None,
                 comment="expired: no decision before the due time",
                 system="review-sla",

@@ -1,4 +1,5 @@
-"""The seal chain in the admin, read-only (it is written by the sealer alone)."""
+"""The audit trail and its seal chain in the admin, read-only (written by the writer and the
+sealer alone)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ from django.contrib import admin
 
 from agents.admin import ReadOnlyAdminMixin
 
-from .models import AuditSeal
+from .models import AuditEvent, AuditSeal
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["created_at", "action", "actor_type", "actor", "run", "step_index"]
+    list_filter = ["action", "actor_type"]
+    search_fields = ["run__id", "trace_id", "actor", "action"]
 
 
 @admin.register(AuditSeal)

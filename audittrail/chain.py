@@ -1,6 +1,6 @@
 """Sealing the audit trail into a hash chain, after the fact and without a lock on the inserts.
 
-Events are written by many transactions at once (``agents.audit``), each taking its id from
+Events are written by many transactions at once (``audittrail.writer``), each taking its id from
 the table's identity sequence. Ids are handed out in order but commit in any order: while
 event 101 is already visible, the transaction holding 100 may still be running, and commit
 (or roll back) a second later. Sealing 101 before 100 is final would later show 100 as slipped
@@ -56,9 +56,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agents.models import AuditEvent
-
-from .models import AuditSeal, SealHorizon
+from .models import AuditEvent, AuditSeal, SealHorizon
 
 GENESIS_HASH = "0" * 64
 # pg_advisory_xact_lock key for the sealer: one at a time ("audit" in ASCII).

@@ -7,10 +7,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from agents.models import AuditEvent
-
 from . import chain
-from .models import AuditSeal, SealHorizon
+from .models import AuditEvent, AuditSeal, SealHorizon
 
 CHUNK = 2000
 FIELDS = (

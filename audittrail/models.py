@@ -1,9 +1,54 @@
-"""The hash chain over the audit trail (``agents.AuditEvent``) and the sealer's memory."""
+"""The audit trail (``AuditEvent``), the hash chain over it and the sealer's memory."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
+
+
+class AuditEvent(models.Model):
+    """Append-only record of every state transition and decision."""
+
+    class ActorType(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        AGENT = "agent"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor_type = models.CharField(max_length=10, choices=ActorType.choices)
+    actor = models.CharField(max_length=200, blank=True)
+    action = models.CharField(max_length=64, db_index=True)
+    run = models.ForeignKey(
+        "agents.Run",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        related_name="audit_events",
+        db_constraint=False,
+    )
+    step_index = models.PositiveIntegerField(null=True, blank=True)
+    trace_id = models.CharField(max_length=32, blank=True)
+    payload = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        # The table it had in the agents app: moved in the state alone (migrations
+        # audittrail 0002, agents 0009), so the chain's seals and triggers still cover it.
+        db_table = "agents_auditevent"
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None:
+            raise ValidationError("Audit events are append-only.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValidationError("Audit events are append-only.")
 
 
 class AuditSeal(models.Model):

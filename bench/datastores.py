@@ -159,9 +159,9 @@ def truncate_runs() -> None:
     next scenario starts from an empty runs table."""
     from django.db import connection
 
-    from agents.models import AuditEvent, Run, Session, Step
+    from agents.models import Run, Session, Step
     from approvals.models import Approval
-    from audittrail.models import AuditSeal, SealHorizon
+    from audittrail.models import AuditEvent, AuditSeal, SealHorizon
     from tools.models import OutboxMessage
 
     tables = ", ".join(

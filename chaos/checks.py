@@ -54,8 +54,9 @@ def sink_message_ids(suite: Suite) -> Counter[str]:
 
 
 def check(suite: Suite) -> Report:
-    from agents.models import AuditEvent, Run, Step
+    from agents.models import Run, Step
     from approvals.models import Approval
+    from audittrail.models import AuditEvent
     from tools.models import OutboxMessage
     from tools.relay import message_id
 
@@ -246,7 +247,7 @@ def injected_on_every_attempt(run: Any) -> bool:
     messages delay them). Any other failure is unexplained."""
     from django.conf import settings
 
-    from agents.models import AuditEvent
+    from audittrail.models import AuditEvent
 
     if run.error_code not in ("provider_unavailable", "worker_lost"):
         return False
@@ -279,7 +280,7 @@ def injected_on_every_attempt(run: Any) -> bool:
 
 def story(run: Any, origin: float) -> str:
     """The run's audit events, compactly: seconds since the first submission, action, step."""
-    from agents.models import AuditEvent
+    from audittrail.models import AuditEvent
 
     parts = []
     for event in AuditEvent.objects.filter(run=run).order_by("id")[:40]:

@@ -8,7 +8,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from agents.models import Agent, AgentVersion, AuditEvent, Run
+from agents.models import Agent, AgentVersion, Run
+from audittrail.models import AuditEvent
 from tools.models import KnowledgeDocument
 
 pytestmark = pytest.mark.django_db

@@ -23,15 +23,17 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
-from agents import audit
+from agents import metrics as agent_metrics
 from agents.models import ModelPrice, Run
 from agents.services import create_api_key, submit_run
 from agentsite import logs, metrics, rediskeys, tracing
 from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
+from audittrail import writer as audit
 from tests.conftest import ROOT, _test_database_url
 from tools import breaker
+from tools import metrics as tool_metrics
 
 pytestmark = pytest.mark.django_db
 
@@ -164,8 +166,8 @@ def known_routes(db: None) -> Any:
             ModelPrice.objects.get_or_create(
                 route=route, defaults={"input_per_million": 1, "output_per_million": 1}
             )
-        metrics._routes["at"] = -1e9  # forget what this process read before
-        metrics._unknown.clear()
+        agent_metrics._routes["at"] = -1e9  # forget what this process read before
+        agent_metrics._unknown.clear()
 
     return configure
 
@@ -173,16 +175,16 @@ def known_routes(db: None) -> Any:
 def test_names_from_outside_do_not_make_series_of_their_own(known_routes):
     """A client's route, a tool the model made up, a method nobody uses: all ``other``."""
     known_routes("p:configured")
-    assert metrics.model_label("p:configured") == "p:configured"
-    assert metrics.model_label("evil:junk-1") == "other"
+    assert agent_metrics.model_label("p:configured") == "p:configured"
+    assert agent_metrics.model_label("evil:junk-1") == "other"
     # A route configured a moment ago is known at its first event (looked for once)...
     ModelPrice.objects.create(route="p:new", input_per_million=1, output_per_million=1)
-    assert metrics.model_label("p:new") == "p:new"
+    assert agent_metrics.model_label("p:new") == "p:new"
     # ...and one looked for in vain is not looked for again in the interval.
     ModelPrice.objects.create(route="evil:junk-1", input_per_million=1, output_per_million=1)
-    assert metrics.model_label("evil:junk-1") == "other"
-    assert metrics.tool_label("dawdle") == "dawdle"
-    assert metrics.tool_label("made_up_tool_0") == "other"
+    assert agent_metrics.model_label("evil:junk-1") == "other"
+    assert tool_metrics.tool_label("dawdle") == "dawdle"
+    assert tool_metrics.tool_label("made_up_tool_0") == "other"
     assert metrics.method_label("POST") == "POST" and metrics.method_label("BREW") == "other"
     before = sample("agentsite_tool_calls_total", tool="other", outcome="refused")
     metrics.observe("tool_call.refused", None, {"tool": "made_up_tool_1", "reason": "no"})

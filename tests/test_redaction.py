@@ -17,8 +17,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from agents import apikeys, audit
-from agents.models import AuditEvent
 from agentsite.redaction import FAILED, RedactingFilter, redact
+from audittrail.models import AuditEvent
 
 # --- E-mail -----------------------------------------------------------------------------------
 

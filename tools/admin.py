@@ -9,7 +9,8 @@ from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
-from agents import audit
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from . import breaker
 from .models import KnowledgeDocument, OutboxMessage, Tool
@@ -104,7 +105,7 @@ class ToolAdmin(admin.ModelAdmin):
         for name in names:
             breaker.reset(name)
             audit.record(
-                "tool.circuit_reset",
+                AuditAction.TOOL_CIRCUIT_RESET,
                 by=audit.Actor.user(request.user),  # type: ignore[arg-type]
                 payload={"tool": name},
             )
@@ -114,7 +115,7 @@ class ToolAdmin(admin.ModelAdmin):
 def _audit_switch(request: HttpRequest, names: list[str], enabled: bool) -> None:
     for name in names:
         audit.record(
-            "tool.enabled" if enabled else "tool.disabled",
+            AuditAction.TOOL_ENABLED if enabled else AuditAction.TOOL_DISABLED,
             by=audit.Actor.user(request.user),  # type: ignore[arg-type]
             payload={"tool": name},
         )

@@ -47,6 +47,10 @@ class ToolsConfig(AppConfig):
         # The catalogue follows the code after every migrate (and `manage.py sync_tools`).
         post_migrate.connect(_sync_after_migrate, sender=self)
 
+        from . import metrics
+
+        metrics.register()
+
 
 def _sync_after_migrate(sender: AppConfig, using: str = "default", **kwargs: object) -> None:
     from .catalogue import sync_tools

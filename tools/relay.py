@@ -36,9 +36,10 @@ from django.db.models import Count
 from django.utils import timezone
 from pydantic import ValidationError
 
-from agentsite import metrics
+from agentsite.metrics import bounded
 
 from .email import SendEmailArgs
+from .metrics import OUTBOX_DELIVERIES
 from .models import OutboxMessage
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,7 @@ def _log_unknown_kinds() -> None:
 def _count(kind: str, outcome: str) -> None:
     """Count a delivery once the row's new state is committed."""
     transaction.on_commit(
-        lambda: metrics.OUTBOX_DELIVERIES.labels(
-            metrics.bounded("outbox_kind", kind), outcome
-        ).inc()
+        lambda: OUTBOX_DELIVERIES.labels(bounded("outbox_kind", kind), outcome).inc()
     )
 
 

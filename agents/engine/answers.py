@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from agents import audit
 from agents.dispatch import advance_run_on_commit
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 from agents.outputs import OutputInvalid, check_output, loads_strict
 from approvals.models import Approval
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from . import transitions
 
@@ -52,7 +53,7 @@ def conclude(run: Run, step: Step, text: str) -> None:
                 response={**(step.response or {}), "output_errors": json_safe(str(exc))}
             )
             audit.record(
-                "output.invalid",
+                AuditAction.OUTPUT_INVALID,
                 run=run,
                 step_index=step.index,
                 payload={"errors": json_safe(str(exc)), "repair": True},

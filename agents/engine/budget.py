@@ -5,6 +5,7 @@ reviewer is asked for another)."""
 from __future__ import annotations
 
 from agents import governance
+from agents.errorcodes import RunErrorCode
 from agents.models import Run, Step
 from approvals import escalation
 from approvals.models import Approval
@@ -27,11 +28,13 @@ def exhausted(run: Run, last: Step | None, message: str) -> None:
     """Fail the run, or, if the agent's policy says ``on_budget_exhausted: escalate``, ask a
     reviewer for another budget."""
     if run.agent_version.policy.get("on_budget_exhausted") != "escalate":
-        transitions.fail(run, "budget_exceeded", message)
+        transitions.fail(run, RunErrorCode.BUDGET_EXCEEDED, message)
         return
     index = last.index if last is not None else 0
     if Approval.objects.filter(run=run, step_index=index, reason="budget_exhausted").exists():
-        transitions.fail(run, "budget_exceeded", message)  # already extended at this very step
+        transitions.fail(
+            run, RunErrorCode.BUDGET_EXCEEDED, message
+        )  # already extended at this very step
         return
     transitions.hold_for_review(
         run, step_index=index, reason=Approval.Reason.BUDGET_EXHAUSTED, detail=message

@@ -21,7 +21,8 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 from opentelemetry.trace import SpanKind
 
-from agents import audit, governance, limits
+from agents import governance, limits
+from agents.errorcodes import RunErrorCode
 from agents.jsonsafe import count, json_safe
 from agents.models import Run, Step
 from agents.providers import (
@@ -37,6 +38,8 @@ from agents.providers import (
 )
 from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from . import answers, budget, steps, transitions
 from .conversation import build_messages, offered_schemas, stored_response
@@ -148,13 +151,13 @@ def _resume(run: Run, done: list[Step], step: Step) -> ModelStepPlan | None:
             steps.fail_lost(step)
             transitions.fail(
                 run,
-                "worker_lost",
+                RunErrorCode.WORKER_LOST,
                 f"attempt {step.attempts} of step {step.index} was lost (its worker was killed "
                 "or timed out) and it has no attempts left; giving up",
             )
             return None
         audit.record(
-            "step.lease_expired",
+            AuditAction.STEP_LEASE_EXPIRED,
             run=run,
             step_index=step.index,
             payload={"attempts": step.attempts},
@@ -185,7 +188,7 @@ def _next_turn(run: Run, done: list[Step], last: Step | None) -> ModelStepPlan |
     if _refused_turns_in_a_row(done) >= settings.AGENTSITE_MAX_REFUSALS:
         transitions.fail(
             run,
-            "too_many_refusals",
+            RunErrorCode.TOO_MANY_REFUSALS,
             f"the model's tool calls were refused {settings.AGENTSITE_MAX_REFUSALS} turns in a row",
         )
         return None
@@ -436,7 +439,7 @@ def _put_off(step: Step, wait: float, *, route: str, reason: str, throttled: int
             step,
             delay=wait,
             refund=True,
-            action="step.rate_limited",
+            action=AuditAction.STEP_DEFERRED,
             payload={"route": route, "reason": reason, "retry_in": round(wait, 2)},
             request=request.to_json(),
         )
@@ -448,7 +451,7 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
     once this route has failed AGENTSITE_FALLBACK_AFTER times), retry after a backoff, or fail
     the step and the run when no attempt or route is left."""
     transient = isinstance(exc, ProviderError) and exc.transient
-    code = exc.code if isinstance(exc, ProviderError) else "internal_error"
+    code = exc.code if isinstance(exc, ProviderError) else RunErrorCode.INTERNAL_ERROR
     message = json_safe(
         str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
     )
@@ -476,11 +479,11 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
         if retryable and step.attempts < governance.max_attempts(run):
             if next_route is not None:
                 delay = 0.0
-                action = "step.fallback"
+                action = AuditAction.STEP_FALLBACK
                 payload: dict[str, Any] = {"from": route, "to": next_route, "error": message}
             else:
                 delay = backoff_seconds(step.attempts, getattr(exc, "retry_after", None))
-                action = "step.retry_scheduled"
+                action = AuditAction.STEP_RETRY_SCHEDULED
                 payload = {
                     "attempt": step.attempts,
                     "route": route,
@@ -495,7 +498,7 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
         if not steps.finish(step, Step.Status.FAILED, **fields):
             return Outcome()
         audit.record(
-            "step.failed",
+            AuditAction.STEP_FAILED,
             run=run,
             step_index=step.index,
             payload={"attempts": step.attempts, "route": route, "error": message},
@@ -539,7 +542,7 @@ def record_model_answer(
             run, input_tokens=response.input_tokens, output_tokens=response.output_tokens, cost=cost
         )
         audit.record(
-            "step.succeeded" if running else "step.discarded",
+            AuditAction.STEP_SUCCEEDED if running else AuditAction.STEP_DISCARDED,
             run=run,
             step_index=step.index,
             by=audit.Actor.agent(route),

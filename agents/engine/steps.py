@@ -17,8 +17,9 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from agents import audit
 from agents.models import Run, Step
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 
 def now() -> datetime:
@@ -153,7 +154,7 @@ def schedule_retry(
     *,
     delay: float,
     payload: dict[str, Any],
-    action: str = "step.retry_scheduled",
+    action: str = AuditAction.STEP_RETRY_SCHEDULED,
     refund: bool = False,
     **fields: Any,
 ) -> bool:

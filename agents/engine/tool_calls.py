@@ -3,12 +3,13 @@ once on an open circuit, held for a reviewer, or sent to run in parallel)."""
 
 from __future__ import annotations
 
-from agents import audit
 from agents.dispatch import advance_run_on_commit, tool_call_on_commit
 from agents.models import Run, Step
 from agents.providers import ModelResponse
 from approvals import escalation
 from approvals.models import Approval
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 from tools import policy
 
 from . import budget, transitions
@@ -66,7 +67,7 @@ def record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> No
         )
         if verdict.refusal:
             audit.record(
-                "tool_call.refused",
+                AuditAction.TOOL_CALL_REFUSED,
                 run=run,
                 step_index=step.index,
                 payload={"tool": call.name, "reason": verdict.refusal},
@@ -74,7 +75,7 @@ def record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> No
             continue
         if verdict.unavailable:
             audit.record(
-                "tool_call.short_circuited",
+                AuditAction.TOOL_CALL_SHORT_CIRCUITED,
                 run=run,
                 step_index=step.index,
                 payload={"tool": call.name, "reason": verdict.unavailable},
@@ -82,7 +83,7 @@ def record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> No
             continue
         assert verdict.spec is not None
         audit.record(
-            "tool_call.requested",
+            AuditAction.TOOL_CALL_REQUESTED,
             run=run,
             step_index=step.index,
             by=audit.Actor.agent(model_step.model_route or run.model_route),

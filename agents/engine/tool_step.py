@@ -19,13 +19,14 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from agents import audit
 from agents.dispatch import advance_run_on_commit
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
 from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from approvals.models import Approval, action_digest
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 from tools import breaker, policy
 from tools.registry import ToolContext, ToolError, ToolSpec, TransientToolError, registry
 
@@ -64,7 +65,7 @@ def claim(run_id: UUID | str, step_index: int) -> Step | None:
             # rather than repeat a side effect forever, and let the model read the failure.
             steps.fail_lost(step)
             audit.record(
-                "tool_call.failed",
+                AuditAction.TOOL_CALL_FAILED,
                 run=run,
                 step_index=step.index,
                 payload={
@@ -79,7 +80,7 @@ def claim(run_id: UUID | str, step_index: int) -> Step | None:
             return None
         if step.attempts > 1:
             audit.record(
-                "tool_call.attempt",
+                AuditAction.TOOL_CALL_ATTEMPT,
                 run=run,
                 step_index=step.index,
                 payload={"tool": step.tool_name, "attempt": step.attempts},
@@ -211,7 +212,7 @@ def _authorised(step: Step, spec: ToolSpec, arguments: Any) -> policy.Authorizat
             step,
             error=policy.unavailable_message(spec.name, state.retry_in),
             latency_ms=None,
-            audit_action="tool_call.short_circuited",
+            audit_action=AuditAction.TOOL_CALL_SHORT_CIRCUITED,
         )
         return None
     return verdict
@@ -348,7 +349,7 @@ def _record_once(
             },
         )
         audit.record(
-            audit_action or f"tool_call.{outcome}",
+            audit_action or AuditAction.tool_call_ended(outcome),
             run=run,
             step_index=step.index,
             payload={

@@ -17,11 +17,13 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
-from agents import audit
 from agents.dispatch import advance_run_on_commit, webhook_on_commit
+from agents.errorcodes import RunErrorCode
 from agents.jsonsafe import json_safe
 from agents.models import Run, Session, Step
 from approvals import escalation
+from audittrail import writer as audit
+from audittrail.actions import AuditAction
 
 from .requests import ModelStepRequest, ToolStepRequest
 from .steps import now
@@ -79,7 +81,7 @@ def start(run: Run) -> bool:
         run,
         from_statuses=(Run.Status.QUEUED,),
         to=Run.Status.RUNNING,
-        action="run.started",
+        action=AuditAction.RUN_STARTED,
         started_at=now(),
     )
 
@@ -104,7 +106,7 @@ def finish_run(
         run,
         from_statuses=Run.ACTIVE_STATUSES,
         to=status,
-        action=f"run.{status}",
+        action=AuditAction.run_finished(status),
         by=by,
         payload={"error_code": error_code, "error": error} if error else {},
         result=result,
@@ -165,7 +167,7 @@ def reopen_failed_run(run: Run, *, step: Step, by: audit.Actor) -> bool:
         run,
         from_statuses=(Run.Status.FAILED,),
         to=Run.Status.RUNNING,
-        action="run.retried",
+        action=AuditAction.RUN_RETRIED,
         by=by,
         payload=previous,
         error_code="",
@@ -191,7 +193,7 @@ def fail_after_crash(run_id: UUID | str, *, task: str, exc: BaseException) -> bo
         return finish_run(
             run,
             Run.Status.FAILED,
-            error_code="internal_error",
+            error_code=RunErrorCode.INTERNAL_ERROR,
             error=message,
             by=audit.Actor.system("worker"),
         )
@@ -225,7 +227,7 @@ def wait_for_review(run: Run, *, payload: dict[str, Any]) -> bool:
         run,
         from_statuses=(Run.Status.RUNNING,),
         to=Run.Status.WAITING_APPROVAL,
-        action="run.waiting_approval",
+        action=AuditAction.RUN_WAITING_APPROVAL,
         payload=payload,
     )
 
@@ -240,7 +242,7 @@ def resume_after_review(run: Run, *, by: audit.Actor) -> bool:
         run,
         from_statuses=(Run.Status.WAITING_APPROVAL,),
         to=Run.Status.RUNNING,
-        action="run.resumed",
+        action=AuditAction.RUN_RESUMED,
         by=by,
     )
     if resumed:

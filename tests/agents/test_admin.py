@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from django.contrib.messages import get_messages
 
-from agents.models import Agent, AgentVersion, AuditEvent, ModelProvider, Run, Step
+from agents.models import Agent, AgentVersion, ModelProvider, Run, Step
 from agents.providers import resolve_route
 from agents.services import start_session, submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 from tools.models import KnowledgeDocument, OutboxMessage, Tool
 
@@ -111,7 +112,7 @@ def test_changelists_answer_200_and_show_their_rows(admin_client, make_agent):
         "/admin/agents/run/": (str(run.pk), Run.objects.count()),
         "/admin/agents/step/": ("calculator", Step.objects.filter(run=run).count()),
         "/admin/agents/session/": (str(session.pk), 1),
-        "/admin/agents/auditevent/": ("run.succeeded", AuditEvent.objects.count()),
+        "/admin/audittrail/auditevent/": ("run.succeeded", AuditEvent.objects.count()),
         "/admin/agents/modelprovider/": ("localprov", 1),
         "/admin/tools/knowledgedocument/": ("Refund policy", 1),
         "/admin/tools/tool/": ("knowledge_search", Tool.objects.count()),

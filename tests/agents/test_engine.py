@@ -10,8 +10,9 @@ from django.utils import timezone
 
 from agents import engine
 from agents.exceptions import AgentNotFound, AgentUnavailable, InvalidRunInput, RunAlreadyFinished
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import cancel_run, save_agent, start_session, submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 
 pytestmark = pytest.mark.django_db
@@ -384,7 +385,7 @@ def test_audit_events_are_append_only(make_agent):
 def test_batched_audit_events_are_written_in_order_with_their_transaction(make_agent):
     from django.db import transaction
 
-    from agents import audit
+    from audittrail import writer as audit
 
     run = submit_run(agent=make_agent(script=[{"text": "x"}]), input="hi")
     before = AuditEvent.objects.filter(run=run).count()

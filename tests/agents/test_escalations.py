@@ -12,10 +12,11 @@ from django.contrib.auth.models import Group, User
 from django.utils import timezone
 
 from agents import engine
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
 from approvals.services import DecisionError, NotAllowedToDecide, decide, expire_overdue
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 
 

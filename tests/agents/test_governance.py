@@ -13,7 +13,7 @@ import pytest
 from django.utils import timezone
 
 from agents import engine, governance
-from agents.models import AuditEvent, ModelPrice, ModelProvider, Run, Step
+from agents.models import ModelPrice, ModelProvider, Run, Step
 from agents.services import (
     promote_canary,
     publish_agent_version,
@@ -21,6 +21,7 @@ from agents.services import (
     start_session,
     submit_run,
 )
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 
 CALC = [{"name": "calculator", "arguments": {"expression": "6*7"}}]

@@ -8,9 +8,10 @@ from django.db import OperationalError
 
 from agents import engine, reconciler
 from agents.engine import model_step, tool_step
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from agents.tasks import advance_run, execute_tool_call
+from audittrail.models import AuditEvent
 
 CALL = [{"name": "calculator", "arguments": {"expression": "6*7"}}]
 

@@ -11,8 +11,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from agents import reconciler
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
+from audittrail.models import AuditEvent
 
 
 def stall(run: Run, seconds: int = 3600) -> None:

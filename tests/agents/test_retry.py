@@ -10,8 +10,9 @@ from django.contrib.messages import get_messages
 from agents import engine
 from agents.engine import execute_tool_call
 from agents.exceptions import RunNotRetryable
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import retry_run, submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 
 CALL = [{"name": "calculator", "arguments": {"expression": "6*7"}}]

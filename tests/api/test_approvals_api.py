@@ -22,8 +22,9 @@ from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.renderers import OpenApiJsonRenderer
 from rest_framework.test import APIClient
 
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from approvals.models import Approval
+from audittrail.models import AuditEvent
 from tests.api.conftest import KeyClient, assert_error, nested
 from tests.conftest import drive
 

@@ -11,8 +11,9 @@ from django.core.management import CommandError, call_command
 from rest_framework.test import APIClient
 
 from agents import apikeys
-from agents.models import ApiKey, AuditEvent, Run
+from agents.models import ApiKey, Run
 from agents.services import revoke_api_key, submit_run
+from audittrail.models import AuditEvent
 from tests.api.conftest import assert_error
 
 pytestmark = pytest.mark.django_db

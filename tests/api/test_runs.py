@@ -20,9 +20,10 @@ from django.db import connection, transaction
 from django.test.client import AsyncClientHandler, FakePayload
 from django.utils import timezone
 
-from agents.models import AuditEvent, Run, Session
+from agents.models import Run, Session
 from agentsite import outbound, rediskeys
 from agentsite.pagination import ClampedLimitOffsetPagination
+from audittrail.models import AuditEvent
 from tests.api.conftest import assert_error, nested
 from tests.conftest import drive
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.db import InterfaceError, OperationalError
 
-from agentsite.errors import api_exception_handler
+from agentsite.errorhandler import api_exception_handler
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from agents import webhooks
-from agents.models import AuditEvent, Run
+from agents.models import Run
 from agents.services import submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import LOOPBACK_NETWORKS, drive
 
 pytestmark = pytest.mark.django_db

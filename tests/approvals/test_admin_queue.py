@@ -17,10 +17,11 @@ from django.contrib.auth.models import Group, Permission, User
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from agents.models import Agent, AuditEvent, Run, Step
+from agents.models import Agent, Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
 from approvals.services import decide
+from audittrail.models import AuditEvent
 from tests.agents.test_admin import form_data, messages_of
 from tests.conftest import drive
 

@@ -15,9 +15,10 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
 
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
+from audittrail.models import AuditEvent
 from tests.conftest import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]

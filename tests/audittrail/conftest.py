@@ -12,8 +12,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
-from agents.audit import Actor, record
-from agents.models import AuditEvent
+from audittrail.models import AuditEvent
+from audittrail.writer import Actor, record
 
 
 def add_events(count: int, action: str = "test.event", **payload: Any) -> list[int]:

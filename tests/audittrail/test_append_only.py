@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from django.db import DatabaseError, connection
 
-from agents.models import AuditEvent
 from audittrail import chain
-from audittrail.models import AuditSeal
+from audittrail.models import AuditEvent, AuditSeal
 
 from .conftest import add_events
 

@@ -10,10 +10,9 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from agents.models import AuditEvent
 from agents.services import submit_run
 from audittrail import chain
-from audittrail.models import AuditSeal, SealHorizon
+from audittrail.models import AuditEvent, AuditSeal, SealHorizon
 
 from .conftest import add_events
 

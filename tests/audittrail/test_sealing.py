@@ -12,11 +12,10 @@ import pytest
 from django.conf import settings
 from django.db import connection, connections
 
-from agents.models import AuditEvent
 from agents.services import submit_run
 from agentsite.celery import app
 from audittrail import chain
-from audittrail.models import AuditSeal
+from audittrail.models import AuditEvent, AuditSeal
 from audittrail.tasks import seal_audit
 
 from .conftest import add_events, verify

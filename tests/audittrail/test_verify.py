@@ -13,9 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from django.db import connection
 
-from agents.models import AuditEvent
 from audittrail import chain
-from audittrail.models import AuditSeal
+from audittrail.models import AuditEvent, AuditSeal
 
 from .conftest import add_events, triggers_off, verify
 

@@ -33,9 +33,10 @@ from typing import Any
 import pytest
 
 from agents import services
-from agents.models import Agent, AuditEvent, ModelProvider, Run, Step
+from agents.models import Agent, ModelProvider, Run, Step
 from agents.providers.fake_server import FakeOpenAIServer, max_in_window
 from agents.services import submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import WorkerProcess, poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]

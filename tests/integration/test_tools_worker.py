@@ -15,9 +15,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.reconciler import reconcile_stalled_runs
 from agents.services import submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import poll
 from tools import breaker
 from tools.models import OutboxMessage

@@ -10,9 +10,10 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from agentsite.celery import app
+from audittrail.models import AuditEvent
 from tests.conftest import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]

@@ -13,10 +13,11 @@ from django.db import close_old_connections
 
 from agents import engine
 from agents.engine import execute_tool_call
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
 from approvals.services import DecisionError, decide
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 from tools import breaker
 from tools.constraints import constraint_errors

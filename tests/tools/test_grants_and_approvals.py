@@ -11,10 +11,11 @@ from pydantic import BaseModel, Field
 
 from agents import engine
 from agents.engine import execute_tool_call
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import cancel_run, save_agent, submit_run
 from approvals.models import Approval
 from approvals.services import AlreadyDecided, DecisionError, decide
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 from tools import breaker, policy
 from tools.models import OutboxMessage, Tool, ToolGrant

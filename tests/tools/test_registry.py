@@ -12,8 +12,9 @@ from pydantic import BaseModel, Field
 
 from agents import engine
 from agents.engine import execute_tool_call
-from agents.models import AuditEvent, Run, Step
+from agents.models import Run, Step
 from agents.services import submit_run
+from audittrail.models import AuditEvent
 from tests.conftest import drive
 from tools.registry import (
     ToolArgumentsInvalid,

@@ -13,10 +13,12 @@ from django.db import transaction
 from agentsite import metrics
 from agentsite.redaction import redact
 
-from .models import AuditEvent, Run
+from .models import AuditEvent
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+
+    from agents.models import Run
 
 
 @dataclass(frozen=True)
