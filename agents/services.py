@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from agentsite import tracing
 
-from . import apikeys, audit, governance
+from . import apikeys, audit, budgets
 from .audit import Actor
 from .dispatch import advance_run_on_commit
 from .exceptions import (
@@ -341,7 +341,7 @@ def submit_run(
     if version is None:
         raise AgentUnavailable(f"agent {agent.slug!r} has no published version")
     value = _normalise_input(input)
-    run_budget = governance.run_budget(version, budget)
+    run_budget = budgets.run_budget(version, budget)
     if model_route:
         try:
             ROUTE_VALIDATOR(model_route)
@@ -368,7 +368,7 @@ def submit_run(
             version = picked
             # Checked against the current version above; a canary's lower limits clamp it
             # rather than refuse a request the other side would take.
-            run_budget = governance.run_budget(version, budget, clamp=True)
+            run_budget = budgets.run_budget(version, budget, clamp=True)
         trace_id, span_id = tracing.current_ids()
         run = Run.objects.create(
             trace_id=trace_id or new_trace_id(),

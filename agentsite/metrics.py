@@ -562,8 +562,8 @@ def _consumer_gauges() -> Iterable[Metric]:
 
 
 def _breaker_names() -> list[str]:
-    from agents.governance import breaker_key
     from agents.models import Agent
+    from agents.providers.routing import breaker_key
     from tools.registry import registry
 
     names = registry.names()
@@ -579,7 +579,7 @@ def _breaker_names() -> list[str]:
 
 
 def _breaker_gauges() -> Iterable[Metric]:
-    from tools import breaker
+    from agentsite import breaker
 
     states = breaker.all_states(_breaker_names())
     family = StateSetMetricFamily(

@@ -26,12 +26,11 @@ from rest_framework.test import APIClient
 from agents import audit
 from agents.models import ModelPrice, Run
 from agents.services import create_api_key, submit_run
-from agentsite import logs, metrics, rediskeys, tracing
+from agentsite import breaker, logs, metrics, rediskeys, tracing
 from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
 from tests.conftest import ROOT, _test_database_url
-from tools import breaker
 
 pytestmark = pytest.mark.django_db
 

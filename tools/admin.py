@@ -10,8 +10,8 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
 from agents import audit
+from agentsite import breaker
 
-from . import breaker
 from .models import KnowledgeDocument, OutboxMessage, Tool
 
 TOOL_FIELDS: Any = [

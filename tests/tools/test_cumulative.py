@@ -14,10 +14,10 @@ from django.db import close_old_connections
 from agents import engine
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
+from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import DecisionError, decide
 from tests.conftest import drive
-from tools import breaker
 from tools.constraints import constraint_errors
 from tools.models import OutboxMessage
 from tools.registry import registry

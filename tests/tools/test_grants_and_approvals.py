@@ -12,10 +12,11 @@ from pydantic import BaseModel, Field
 from agents import engine
 from agents.models import AuditEvent, Run, Step
 from agents.services import cancel_run, save_agent, submit_run
+from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import AlreadyDecided, DecisionError, decide
 from tests.conftest import drive
-from tools import breaker, policy
+from tools import policy
 from tools.models import OutboxMessage, Tool, ToolGrant
 from tools.registry import ToolSpec, registry
 from tools.services import execute_tool_call
