@@ -116,8 +116,8 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     import httpx
 
     from . import audit
+    from .api.serializers import RunSerializer
     from .models import Run
-    from .serializers import RunSerializer
 
     run = Run.objects.select_related("agent", "agent_version", "session").filter(pk=run_id).first()
     if run is None or not run.webhook_url or not run.is_final:

@@ -314,7 +314,7 @@ def test_outbox_deliveries_are_counted_and_what_waits_is_measured(
 def test_open_event_streams_are_counted_until_the_client_goes():
     import asyncio
 
-    from agents.events import _stream
+    from agents.api.events import _stream
     from agents.streamslots import Slot
 
     async def open_then_leave() -> tuple[float, float]:
