@@ -18,10 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import redis
 from django.conf import settings
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 R = TypeVar("R")
 
@@ -59,6 +56,10 @@ def client(url: str = "", *, timeout: float = 2.0, retry_once: bool = False) -> 
     with _lock:
         found = _clients.get((url, timeout, retry_once))
         if found is None:
+            import redis  # lazily: 0.1 s to import, and a process may never reach Redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
             options: dict[str, Any] = {}
             if retry_once:
                 options["retry"] = Retry(NoBackoff(), 1)
@@ -85,7 +86,8 @@ class FailOpen:
     Redis holds limits and circuits, not data: refusing every request or call on a Redis blip
     would do more harm than letting a few through unlimited.
 
-    ``message`` is logged with the call's ``context`` and the error as its arguments, at most
+    ``errors`` are the failures caught (default: redis-py's ``RedisError``). ``message`` is
+    logged with the call's ``context`` and the error as its arguments, at most
     once per ``warn_every`` seconds (0: every failure). With ``rest_for``, the process leaves
     Redis alone (answers the fallback at once) for that many seconds after a failure, so a
     black-holed Redis does not add its timeouts to every call.
@@ -96,7 +98,7 @@ class FailOpen:
         logger: logging.Logger,
         message: str,
         *,
-        errors: tuple[type[BaseException], ...] = (redis.RedisError,),
+        errors: tuple[type[BaseException], ...] | None = None,
         warn_every: float = 0.0,
         rest_for: float = 0.0,
     ) -> None:
@@ -116,7 +118,7 @@ class FailOpen:
             return fallback
         try:
             result = op()
-        except self.errors as exc:
+        except self._caught() as exc:
             if self.rest_for:
                 self._down_until[url] = time.monotonic() + self.rest_for
             self._warn(*context, exc)
@@ -124,6 +126,13 @@ class FailOpen:
         if url in self._down_until:
             self._down_until.pop(url, None)
         return result
+
+    def _caught(self) -> tuple[type[BaseException], ...]:
+        if self.errors is None:
+            from redis.exceptions import RedisError
+
+            self.errors = (RedisError,)
+        return self.errors
 
     def _warn(self, *args: object) -> None:
         if self.warn_every:
