@@ -15,6 +15,7 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action, api_view
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -265,8 +266,6 @@ def usage_report(request: Request) -> Response:
 
 
 def parse_after(value: str | None) -> int | None:
-    from rest_framework.exceptions import ValidationError
-
     if value is None or value == "":
         return None
     try:
