@@ -21,6 +21,7 @@ from .providers.prices import CENT_MILLIONTHS, MILLION, money, price_of
 if TYPE_CHECKING:
     from .models import AgentVersion, Run
 
+
 BUDGET_KEYS = (
     "max_steps",
     "max_tokens",
@@ -166,5 +167,6 @@ def budget_problem(
 
 
 def has_cost_limit(run: Run) -> bool:
+    """Whether the run has a cost limit (then it may not call a model that has no price)."""
     raw = {**run.agent_version.budget(), **(run.budget or {})}
     return Decimal(str(raw["max_cost"])) > 0
