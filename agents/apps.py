@@ -11,7 +11,7 @@ class AgentsConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
-        from .governance import forget_prices
+        from .providers.prices import forget_prices
 
         taken = settings.AGENTSITE_SETTINGS_FROM_ENV_FILE
         if taken:

@@ -11,15 +11,14 @@ from django.db.models import Count
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 
-from agentsite import metrics
+from agentsite import breaker, metrics
 from agentsite.metrics import agent_label, bounded
 from audittrail.actions import RUN_FINISHED, TOOL_CALL_ENDED, AuditAction
-from tools import breaker
 from tools.metrics import tool_label
 from tools.registry import registry
 
-from .governance import breaker_key
 from .models import Agent, AgentVersion, ModelPrice, Run
+from .providers.routing import breaker_key
 
 RUNS_SUBMITTED = Counter("agentsite_runs_submitted", "Runs accepted, by agent.", ["agent"])
 

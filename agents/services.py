@@ -24,7 +24,7 @@ from tools.catalogue import sync_tools
 from tools.models import Tool, ToolGrant
 from tools.registry import registry
 
-from . import apikeys, governance
+from . import apikeys, budgets
 from .dispatch import advance_run_on_commit
 from .engine import transitions
 from .errorcodes import RunErrorCode
@@ -345,7 +345,7 @@ def submit_run(
     if version is None:
         raise AgentUnavailable(f"agent {agent.slug!r} has no published version")
     value = _normalise_input(input)
-    run_budget = governance.run_budget(version, budget)
+    run_budget = budgets.run_budget(version, budget)
     if model_route:
         try:
             ROUTE_VALIDATOR(model_route)
@@ -372,7 +372,7 @@ def submit_run(
             version = picked
             # Checked against the current version above; a canary's lower limits clamp it
             # rather than refuse a request the other side would take.
-            run_budget = governance.run_budget(version, budget, clamp=True)
+            run_budget = budgets.run_budget(version, budget, clamp=True)
         trace_id, span_id = tracing.current_ids()
         run = Run.objects.create(
             trace_id=trace_id or new_trace_id(),

@@ -22,6 +22,10 @@ from django.conf import settings
 from agentsite import rediskeys
 
 logger = logging.getLogger(__name__)
+# Redis down: serve the stream rather than refuse every one.
+_uncounted = rediskeys.FailOpen(logger, "event stream count unavailable: %s", errors=(Exception,))
+# Not released: its lease runs out instead.
+_unreleased = rediskeys.FailOpen(logger, "event stream slot not released: %s", errors=(Exception,))
 
 # A stream renews its lease at its chunks, which come at least every keep-alive (15 s) plus a
 # poll; a lease of three keep-alives survives a slow poll, and a dead process's slots are free
@@ -87,12 +91,11 @@ def _take_locally(slot: Slot, cap: int) -> bool:
 def _take(slot: Slot, cap: int) -> bool:
     if not settings.REDIS_URL:
         return _take_locally(slot, cap)
-    try:
-        return _take_in_redis(slot, cap)
-    except Exception as exc:  # Redis down: serve the stream rather than refuse every one
-        logger.warning("event stream count unavailable: %s", exc)
+    taken = _uncounted.call(lambda: _take_in_redis(slot, cap), None)
+    if taken is None:
         slot.counted = False
         return True
+    return taken
 
 
 def acquire(caller: str) -> Slot | None:
@@ -128,7 +131,6 @@ def release(slot: Slot) -> None:
             if not _local.get(slot.caller, True):
                 del _local[slot.caller]
         return
-    try:
-        rediskeys.client(timeout=1).zrem(_redis_key(slot.caller), slot.id)
-    except Exception as exc:  # its lease runs out instead
-        logger.warning("event stream slot not released: %s", exc)
+    _unreleased.call(
+        lambda: rediskeys.client(timeout=1).zrem(_redis_key(slot.caller), slot.id), None
+    )

@@ -118,7 +118,7 @@ def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     """POST the run's final representation to its webhook. Raises WebhookFailed to retry."""
     import httpx
 
-    from .serializers import RunSerializer
+    from .api.serializers import RunSerializer
 
     run = Run.objects.select_related("agent", "agent_version", "session").filter(pk=run_id).first()
     if run is None or not run.webhook_url or not run.is_final:

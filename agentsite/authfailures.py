@@ -20,11 +20,15 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from . import ratelimit
+from . import ratelimit, rediskeys
 from .clientaddress import client_address
 from .errors import ErrorCode, too_many_requests
 
 logger = logging.getLogger(__name__)
+# Redis down: check credentials rather than refuse everyone.
+_fail_open = rediskeys.FailOpen(
+    logger, "failed-authentication limit unavailable: %s", errors=(Exception,)
+)
 
 
 def _bucket(request: Any) -> str:
@@ -46,11 +50,10 @@ def seconds_blocked(request: Any) -> int | None:
     rate = _rate()
     if rate is None:
         return None
-    try:
-        count, reset = ratelimit.peek(_bucket(request))
-    except Exception as exc:  # Redis down: check credentials rather than refuse everyone
-        logger.warning("failed-authentication limit unavailable: %s", exc)
+    seen = _fail_open.call(lambda: ratelimit.peek(_bucket(request)), None)
+    if seen is None:
         return None
+    count, reset = seen
     return max(1, math.ceil(reset)) if count >= rate[0] else None
 
 
@@ -59,10 +62,7 @@ def record_failure(request: Any) -> None:
     rate = _rate()
     if rate is None:
         return
-    try:
-        ratelimit.hit(_bucket(request), limit=rate[0], period=rate[1])
-    except Exception as exc:
-        logger.warning("failed-authentication limit unavailable: %s", exc)
+    _fail_open.call(lambda: ratelimit.hit(_bucket(request), limit=rate[0], period=rate[1]), None)
 
 
 MESSAGE = "Too many failed authentication attempts from this address."

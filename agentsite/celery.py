@@ -20,6 +20,7 @@ from celery.signals import (
 )
 from celery.worker.strategy import default as default_strategy
 
+from . import rediskeys
 from .heartbeats import Heartbeat
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
@@ -138,8 +139,7 @@ def redis_eviction_policy(url: str) -> str | None:
     import redis
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        reply: Any = client.config_get("maxmemory-policy")
+        reply: Any = rediskeys.client(url, timeout=2).config_get("maxmemory-policy")
         value = reply.get("maxmemory-policy")
     except redis.RedisError:
         return None

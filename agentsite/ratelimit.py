@@ -18,6 +18,8 @@ from . import rediskeys
 from .clientaddress import client_address
 
 logger = logging.getLogger(__name__)
+# Redis down: serve rather than refuse every client.
+_fail_open = rediskeys.FailOpen(logger, "rate limiting unavailable: %s", errors=(Exception,))
 
 _SCRIPT = """
 local count = redis.call('INCR', KEYS[1])
@@ -64,11 +66,10 @@ def seconds_to_wait(bucket: str) -> float | None:
     rate = parse_rate(settings.AGENTSITE_API_RATE_LIMIT)
     if rate is None or not settings.REDIS_URL:
         return None
-    try:
-        allowed, reset = hit(bucket, limit=rate[0], period=rate[1])
-    except Exception as exc:  # Redis down: serve rather than refuse every client
-        logger.warning("rate limiting unavailable: %s", exc)
+    counted = _fail_open.call(lambda: hit(bucket, limit=rate[0], period=rate[1]), None)
+    if counted is None:
         return None
+    allowed, reset = counted
     return None if allowed else max(1.0, reset)
 
 

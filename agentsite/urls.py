@@ -4,8 +4,8 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from agents.api import AgentViewSet, RunViewSet, usage_report, whoami
-from agents.events import run_events_view
+from agents.api.events import run_events_view
+from agents.api.views import AgentViewSet, RunViewSet, usage_report, whoami
 from approvals.api import ApprovalViewSet
 
 from .authfailures import guard_login

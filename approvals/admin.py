@@ -17,7 +17,7 @@ from django.contrib.admin import helpers
 from django.contrib.admin.templatetags.admin_urls import add_preserved_filters
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -25,10 +25,10 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from agents.models import Agent, Run
+from agents.models import Run
 from agentsite import jsonparse
 
-from . import exceptions, services
+from . import exceptions, selectors, services
 from .models import Approval, Decision
 
 QUEUE_TEMPLATE_DIR = "admin/approvals/approval"
@@ -245,13 +245,7 @@ class AgentFilter(admin.SimpleListFilter):
     parameter_name = "agent"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        slugs = (
-            Agent.objects.filter(runs__approvals__isnull=False)
-            .distinct()
-            .order_by("slug")
-            .values_list("slug", flat=True)
-        )
-        return [(slug, slug) for slug in slugs]
+        return [(slug, slug) for slug in selectors.agents_with_escalations()]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if self.value():
@@ -269,7 +263,7 @@ class OverdueFilter(admin.SimpleListFilter):
         return [("yes", "Overdue"), ("no", "Not overdue")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        overdue = Q(status=Approval.Status.PENDING, due_at__lt=timezone.now())
+        overdue = selectors.overdue()
         if self.value() == "yes":
             return queryset.filter(overdue)
         if self.value() == "no":
@@ -388,7 +382,7 @@ class ApprovalAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(self._queue_url(request))
         if not self.has_view_permission(request, approval):
             raise PermissionDenied
-        run = Run.objects.select_related("agent", "agent_version", "owner").get(pk=approval.run_id)
+        run = selectors.run_for_review(approval.run_id)
         approval.run = run
         not_allowed = ""
         if approval.status == Approval.Status.PENDING:

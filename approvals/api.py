@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Q, QuerySet
-from django.utils import timezone
+from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -29,7 +28,7 @@ from rest_framework.views import APIView
 
 from agentsite.apischema import NOT_JSON, TOO_LARGE, error_response
 
-from . import services
+from . import selectors, services
 from .models import Approval
 from .serializers import (
     ALL_STATUSES,
@@ -81,25 +80,20 @@ class ApprovalViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
 
     def get_queryset(self) -> QuerySet[Approval]:
-        approvals = Approval.objects.select_related("run", "run__agent", "decided_by")
+        approvals = selectors.approvals()
         if self.action != "list":
             return approvals
         filters = ApprovalFilterSerializer(data=self.request.query_params.dict())
         filters.is_valid(raise_exception=True)
         f = filters.validated_data
-        if f["status"] != ALL_STATUSES:
-            approvals = approvals.filter(status=f["status"])
-        if "agent" in f:
-            approvals = approvals.filter(run__agent__slug=f["agent"])
-        if "reason" in f:
-            approvals = approvals.filter(reason=f["reason"])
-        if "priority" in f:
-            approvals = approvals.filter(priority=PRIORITY_NAMES[f["priority"]])
-        if "overdue" in f:
-            overdue = Q(status=Approval.Status.PENDING, due_at__lt=timezone.now())
-            approvals = approvals.filter(overdue) if f["overdue"] else approvals.exclude(overdue)
-        # The queue: most urgent first, then the soonest due, then the oldest.
-        return approvals.order_by("-priority", "due_at", "created_at", "pk")
+        return selectors.queue(
+            approvals,
+            status=None if f["status"] == ALL_STATUSES else f["status"],
+            agent=f.get("agent"),
+            reason=f.get("reason"),
+            priority=PRIORITY_NAMES[f["priority"]] if "priority" in f else None,
+            is_overdue=f.get("overdue"),
+        )
 
     @extend_schema(
         parameters=[

@@ -8,7 +8,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from agents.serializers import StrictSerializer
+from agents.api.serializers import StrictSerializer
 
 from .models import Approval, Decision
 

@@ -26,13 +26,12 @@ from rest_framework.test import APIClient
 from agents import metrics as agent_metrics
 from agents.models import ModelPrice, Run
 from agents.services import create_api_key, submit_run
-from agentsite import logs, metrics, rediskeys, tracing
+from agentsite import breaker, logs, metrics, rediskeys, tracing
 from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
 from audittrail import writer as audit
 from tests.conftest import ROOT, _test_database_url
-from tools import breaker
 from tools import metrics as tool_metrics
 
 pytestmark = pytest.mark.django_db
@@ -317,7 +316,7 @@ def test_outbox_deliveries_are_counted_and_what_waits_is_measured(
 def test_open_event_streams_are_counted_until_the_client_goes():
     import asyncio
 
-    from agents.events import _stream
+    from agents.api.events import _stream
     from agents.streamslots import Slot
 
     async def open_then_leave() -> tuple[float, float]:

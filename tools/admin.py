@@ -9,10 +9,10 @@ from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
+from agentsite import breaker
 from audittrail import writer as audit
 from audittrail.actions import AuditAction
 
-from . import breaker
 from .models import KnowledgeDocument, OutboxMessage, Tool
 
 TOOL_FIELDS: Any = [

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import breaker, cumulative
+from agentsite import breaker
+
+from . import cumulative
 from .constraints import approval_needed, check
 from .models import Tool, ToolGrant
 from .registry import ToolArgumentsInvalid, ToolSpec, registry

@@ -4,7 +4,7 @@ reviewer is asked for another)."""
 
 from __future__ import annotations
 
-from agents import governance
+from agents import budgets
 from agents.errorcodes import RunErrorCode
 from agents.models import Run, Step
 from approvals import escalation
@@ -21,7 +21,7 @@ def allowance(run: Run) -> int:
 
 
 def step_limit(run: Run) -> int:
-    return governance.Budget.of(run, allowance(run)).max_steps
+    return budgets.Budget.of(run, allowance(run)).max_steps
 
 
 def exhausted(run: Run, last: Step | None, message: str) -> None:

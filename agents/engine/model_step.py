@@ -21,21 +21,24 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 from opentelemetry.trace import SpanKind
 
-from agents import governance, limits
+from agents import budgets
 from agents.errorcodes import RunErrorCode
 from agents.jsonsafe import count, json_safe
 from agents.models import Run, Step
 from agents.providers import (
     InvalidProviderResponse,
-    ModelProvider,
     ModelRequest,
     ModelResponse,
     PermanentProviderError,
     ProviderError,
     RateLimitedProviderError,
     TransientProviderError,
+    prices,
+    quotas,
     resolve_route,
+    routing,
 )
+from agents.providers.base import estimate_input
 from agentsite import tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from audittrail import writer as audit
@@ -147,7 +150,7 @@ def _resume(run: Run, done: list[Step], step: Step) -> ModelStepPlan | None:
     if steps.not_yet(step):
         return None  # a live worker has it, or it is backing off (the delayed nudge comes back)
     if step.status == Step.Status.RUNNING:
-        if steps.lost_for_good(step, governance.max_attempts(run)):
+        if steps.lost_for_good(step, routing.max_attempts(run)):
             steps.fail_lost(step)
             transitions.fail(
                 run,
@@ -165,21 +168,21 @@ def _resume(run: Run, done: list[Step], step: Step) -> ModelStepPlan | None:
     if not steps.claim(step, lease_seconds=settings.AGENTSITE_STEP_LEASE_SECONDS):
         return None
     messages, tools = build_messages(run, done[:-1]), offered_schemas(run)
-    return ModelStepPlan(run, step, messages, tools, governance.estimate_input(messages, tools))
+    return ModelStepPlan(run, step, messages, tools, estimate_input(messages, tools))
 
 
 def _next_turn(run: Run, done: list[Step], last: Step | None) -> ModelStepPlan | None:
     """Begin the next model turn, if the run's budget and its refusals allow one."""
     tools = offered_schemas(run)
     messages = build_messages(run, done)
-    estimate = governance.estimate_input(messages, tools)
-    routine = governance.is_routine(run, done)
-    problem = governance.budget_problem(
+    estimate = estimate_input(messages, tools)
+    routine = routing.is_routine(run, done)
+    problem = budgets.budget_problem(
         run,
-        governance.Budget.of(run, budget.allowance(run)),
+        budgets.Budget.of(run, budget.allowance(run)),
         steps=len(done),
         estimate=estimate,
-        route=governance.candidate_routes(run, routine=routine)[0],
+        route=routing.candidate_routes(run, routine=routine)[0],
         elapsed=(now() - (run.started_at or now())).total_seconds(),
     )
     if problem:
@@ -223,14 +226,14 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
     """Choose the route, keep the rate limits, call the model and record what it said."""
     run, step = plan.run, plan.step
     request = ModelStepRequest.of(step)
-    choice = governance.choose_route(
-        governance.candidate_routes(run, routine=request.routine), request.route_failures
+    choice = routing.choose_route(
+        routing.candidate_routes(run, routine=request.routine), request.route_failures
     )
     throttled = request.throttled
     if choice.route is None:
         return _no_route(step, choice, throttled)
     route = choice.route
-    if governance.price_of(route) is None and governance.has_cost_limit(run):
+    if prices.price_of(route) is None and budgets.has_cost_limit(run):
         # The chosen route may be a fallback the budget check did not price.
         return _model_step_failed(
             step,
@@ -244,7 +247,7 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
     try:
         called = _call(plan, route, probe=choice.probe, throttled=throttled)
     except SoftTimeLimitExceeded:
-        governance.report(route, ok=False)
+        routing.report(route, ok=False)
         return _model_step_failed(
             step,
             TransientProviderError("the model call exceeded the step's soft time limit"),
@@ -254,7 +257,7 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
         # The provider's own limit: every worker holds back (not only this step), and the
         # step waits without spending an attempt, a few times.
         wait = backoff_seconds(throttled + 1, exc.retry_after)
-        limits.pause(_provider_key(route), min(wait, PROVIDER_PAUSE_MAX))
+        quotas.pause(quotas.provider_key(route), min(wait, PROVIDER_PAUSE_MAX))
         if throttled < MAX_THROTTLED:
             return _put_off(step, wait, route=route, reason="provider_429", throttled=throttled + 1)
         return _model_step_failed(step, exc, route=route)
@@ -262,7 +265,7 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
         # Only what says the route is unwell feeds its circuit: not our configuration (an
         # unknown provider), nor a request it refused (4xx: too long a context, say).
         if exc.transient or isinstance(exc, InvalidProviderResponse):
-            governance.report(route, ok=False)
+            routing.report(route, ok=False)
         return _model_step_failed(step, exc, route=route)
     except DatabaseError as exc:  # e.g. reading the provider's row during a Postgres restart
         return _model_step_failed(step, TransientProviderError(f"database unavailable: {exc}"))
@@ -271,14 +274,14 @@ def _model_step(plan: ModelStepPlan) -> Outcome:
         return _model_step_failed(step, exc)
     if isinstance(called, Outcome):
         return called
-    response, quotas = called
-    governance.report(route, ok=True)
-    _settle_tokens(quotas, response, time.monotonic() - started)
+    response, spent = called
+    routing.report(route, ok=True)
+    quotas.settle_tokens(spent, response, time.monotonic() - started)
     _answered(step, response, route=route, started=started)
     return Outcome()
 
 
-def _no_route(step: Step, choice: governance.RouteChoice, throttled: int) -> Outcome:
+def _no_route(step: Step, choice: routing.RouteChoice, throttled: int) -> Outcome:
     """Every route is ruled out (the step fails over) or its circuit is open (it waits)."""
     why = "; ".join(f"{r}: {reason}" for r, reason in choice.skipped.items())
     if choice.exhausted:
@@ -292,17 +295,17 @@ def _no_route(step: Step, choice: governance.RouteChoice, throttled: int) -> Out
 
 def _call(
     plan: ModelStepPlan, route: str, *, probe: bool, throttled: int
-) -> tuple[ModelResponse, list[limits.Quota]] | Outcome:
+) -> tuple[ModelResponse, list[quotas.Quota]] | Outcome:
     """Spend the rate limits and call the model on ``route``; or, when a limit or a half-open
     circuit says wait, put the step off."""
     run, step = plan.run, plan.step
     provider, model = resolve_route(route)
-    quotas = _quotas(run, provider, plan.estimate)
-    wait = limits.acquire(quotas, window=settings.AGENTSITE_RATE_WINDOW_SECONDS)
+    spent = quotas.for_call(provider, run.agent, plan.estimate)
+    wait = quotas.acquire(spent, window=settings.AGENTSITE_RATE_WINDOW_SECONDS)
     if wait is not None:
         return _put_off(step, wait, route=route, reason="rate_limited")
     # A half-open circuit's one probe is taken only now, when the call surely goes out.
-    busy = governance.take_probe(route) if probe else None
+    busy = routing.take_probe(route) if probe else None
     if busy is not None:
         return _put_off(
             step, busy, route=route, reason="circuit_probe_out", throttled=throttled + 1
@@ -333,7 +336,7 @@ def _call(
         )
         call.set_attribute("gen_ai.usage.input_tokens", count(response.input_tokens))
         call.set_attribute("gen_ai.usage.output_tokens", count(response.output_tokens))
-    return response, quotas
+    return response, spent
 
 
 def _answered(step: Step, response: ModelResponse, *, route: str, started: float) -> None:
@@ -363,55 +366,6 @@ def _answered(step: Step, response: ModelResponse, *, route: str, started: float
             }
         },
     )
-
-
-def _quota_key(owner: str, unit: str) -> str:
-    """A quota's key names the window it is counted in: a key's buckets are numbered by the
-    window, so processes configured with different windows (a rolling deploy changing
-    AGENTSITE_RATE_WINDOW_SECONDS) must not share one."""
-    return f"{owner}:{unit}:{settings.AGENTSITE_RATE_WINDOW_SECONDS:g}s"
-
-
-def _provider_key(route: str) -> str:
-    return _quota_key(f"provider:{route.partition(':')[0]}", "requests")
-
-
-def _quotas(run: Run, provider: ModelProvider, estimate: int) -> list[limits.Quota]:
-    """The rate limits a call spends: the provider's (its requests quota always, so that a
-    429's pause holds every worker back) and the agent's, each per minute."""
-    if provider.name == "scripted":
-        return []
-    agent = run.agent
-    never = 2**31 - 1  # a quota with no limit still carries the provider's pause
-    owner = f"provider:{provider.name}"
-    quotas = [limits.Quota(_quota_key(owner, "requests"), provider.requests_per_minute or never, 1)]
-    if provider.tokens_per_minute:
-        quotas.append(
-            limits.Quota(_quota_key(owner, "tokens"), provider.tokens_per_minute, estimate)
-        )
-    if agent.requests_per_minute:
-        quotas.append(
-            limits.Quota(_quota_key(f"agent:{agent.pk}", "requests"), agent.requests_per_minute, 1)
-        )
-    if agent.tokens_per_minute:
-        quotas.append(
-            limits.Quota(
-                _quota_key(f"agent:{agent.pk}", "tokens"), agent.tokens_per_minute, estimate
-            )
-        )
-    return quotas
-
-
-def _settle_tokens(quotas: list[limits.Quota], response: ModelResponse, took: float) -> None:
-    """Charge the token quotas what the call used instead of its estimate. A refund is only
-    taken while the call's own charge is still inside the window (limits.settle gives back
-    from the oldest units it holds: after a longer call those would be other calls')."""
-    window = settings.AGENTSITE_RATE_WINDOW_SECONDS
-    actual = count(response.input_tokens) + count(response.output_tokens)
-    for quota in quotas:
-        delta = actual - min(quota.cost, quota.limit)
-        if ":tokens:" in quota.key and delta and (delta > 0 or took < window):
-            limits.settle(quota.key, delta, window=window)
 
 
 # --- Recording what came of it (under the run's lock) -----------------------------------------
@@ -469,14 +423,14 @@ def _model_step_failed(step: Step, exc: Exception, *, route: str | None = None) 
             else:
                 entry["permanent"] = message[:500]
             request = request.with_failure(route, entry)
-            routes = governance.candidate_routes(run, routine=request.routine)
+            routes = routing.candidate_routes(run, routine=request.routine)
             if not transient or entry["transient"] >= settings.AGENTSITE_FALLBACK_AFTER:
-                next_route = governance.next_route(routes, request.route_failures, after=route)
+                next_route = routing.next_route(routes, request.route_failures, after=route)
         fields: dict[str, Any] = {"error": message, "request": request.to_json()}
         if route:
             fields["model_route"] = route
         retryable = transient or next_route is not None
-        if retryable and step.attempts < governance.max_attempts(run):
+        if retryable and step.attempts < routing.max_attempts(run):
             if next_route is not None:
                 delay = 0.0
                 action = AuditAction.STEP_FALLBACK
@@ -521,7 +475,7 @@ def record_model_answer(
             return
         response.input_tokens = count(response.input_tokens)
         response.output_tokens = count(response.output_tokens)
-        cost = governance.cost_of(route, response.input_tokens, response.output_tokens)
+        cost = prices.cost_of(route, response.input_tokens, response.output_tokens)
         running = run.status == Run.Status.RUNNING
         recorded = steps.finish(
             step,

@@ -22,12 +22,12 @@ from django.utils import timezone
 from agents.dispatch import advance_run_on_commit
 from agents.jsonsafe import json_safe
 from agents.models import Run, Step
-from agentsite import tracing
+from agentsite import breaker, tracing
 from agentsite.pools import release_connection, ride_out_outage, soft_time_limit
 from approvals.models import Approval, action_digest
 from audittrail import writer as audit
 from audittrail.actions import AuditAction
-from tools import breaker, policy
+from tools import policy
 from tools.registry import ToolContext, ToolError, ToolSpec, TransientToolError, registry
 
 from . import steps, transitions

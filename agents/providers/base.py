@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,8 +73,6 @@ class ModelResponse:
 
 
 def _dumps(value: Any) -> str:
-    import json
-
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
@@ -114,7 +113,7 @@ class InvalidProviderResponse(PermanentProviderError):
 
 class ModelProvider(Protocol):
     name: str
-    # The provider's own limits, kept across all workers (agents.limits); 0: none.
+    # The provider's own limits, kept across all workers (providers.quotas); 0: none.
     requests_per_minute: int
     tokens_per_minute: int
 
@@ -124,3 +123,8 @@ class ModelProvider(Protocol):
 def estimate_tokens(text: str) -> int:
     """A rough token count (4 characters a token) for servers that report no usage."""
     return len(text) // 4 + 1 if text else 0
+
+
+def estimate_input(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
+    """The input tokens a call will be charged, roughly (4 characters a token)."""
+    return estimate_tokens(json.dumps(messages)) + estimate_tokens(json.dumps(tools))

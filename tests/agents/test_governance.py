@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from agents import engine, governance
+from agents import engine
 from agents.models import ModelPrice, ModelProvider, Run, Step
+from agents.providers import routing
 from agents.services import (
     promote_canary,
     publish_agent_version,
@@ -21,6 +22,7 @@ from agents.services import (
     start_session,
     submit_run,
 )
+from agentsite import breaker
 from audittrail.models import AuditEvent
 from tests.conftest import drive
 
@@ -180,11 +182,9 @@ def test_a_nonsense_answer_falls_back(provider, fake_openai, make_agent):
 def test_an_open_circuit_sends_the_step_straight_to_the_fallback(
     provider, fake_openai, make_agent, settings
 ):
-    from tools import breaker
-
     primary, backup = provider(), provider("bk")
     for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
-        breaker.record_failure(governance.breaker_key(primary))
+        breaker.record_failure(routing.breaker_key(primary))
     agent = make_agent(model_route=primary, fallback_routes=[backup])
     run = drive(submit_run(agent=agent, input="hi").pk)
     assert run.status == Run.Status.SUCCEEDED
@@ -410,24 +410,20 @@ def test_an_unpriced_fallback_is_not_called_when_the_run_has_a_cost_limit(
 def test_a_request_the_provider_refuses_does_not_open_the_routes_circuit(
     provider, fake_openai, make_agent, settings
 ):
-    from tools import breaker
-
     route = provider()
     fake_openai.configure(route.partition(":")[2], error_rate=1.0, error_status=400)
     agent = make_agent(model_route=route)
     for _ in range(settings.AGENTSITE_BREAKER_FAILURES + 1):
         assert drive(submit_run(agent=agent, input="x").pk).status == Run.Status.FAILED
-    assert breaker.status(governance.breaker_key(route)).state == breaker.CLOSED
+    assert breaker.status(routing.breaker_key(route)).state == breaker.CLOSED
 
 
 def test_an_open_circuit_parks_the_step_without_spending_attempts(
     provider, fake_openai, make_agent, settings
 ):
-    from tools import breaker
-
     route = provider()
     for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
-        breaker.record_failure(governance.breaker_key(route))
+        breaker.record_failure(routing.breaker_key(route))
     run = submit_run(agent=make_agent(model_route=route), input="x")
     outcome = engine.advance(run.pk)
     step = Step.objects.get(run=run)
@@ -486,25 +482,21 @@ def test_the_fallback_event_names_the_route_actually_next(provider, fake_openai,
 def test_a_route_passed_over_for_its_failures_is_used_again_when_the_others_are_open(
     settings,
 ):
-    from tools import breaker
-
     a, b = "fk:tired-" + uuid.uuid4().hex[:6], "bk:open-" + uuid.uuid4().hex[:6]
     for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
-        breaker.record_failure(governance.breaker_key(b))
+        breaker.record_failure(routing.breaker_key(b))
     failures = {a: {"transient": settings.AGENTSITE_FALLBACK_AFTER}}
-    choice = governance.choose_route([a, b], failures)
+    choice = routing.choose_route([a, b], failures)
     assert choice.route == a and "circuit is open" in choice.skipped[b]
-    assert governance.choose_route([a, b], {a: {"permanent": "404"}}).route is None
+    assert routing.choose_route([a, b], {a: {"permanent": "404"}}).route is None
 
 
 def test_a_half_open_probe_taken_by_another_worker_parks_the_step(
     provider, fake_openai, make_agent, settings
 ):
-    from tools import breaker
-
     settings.AGENTSITE_BREAKER_COOLDOWN = 0.2
     route = provider()
-    key = governance.breaker_key(route)
+    key = routing.breaker_key(route)
     for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
         breaker.record_failure(key)
     run = submit_run(agent=make_agent(model_route=route), input="x")

@@ -1,4 +1,4 @@
-"""Global rate limits (agents/limits.py) against the real Redis, and the in-process fallback.
+"""Model quotas (agents/providers/quotas.py) on the real Redis, and the in-process fallback.
 
 An admission's time is known only between the clock readings taken before and after its call:
 a single reading after the call is late by however long the thread waited to run again (tens
@@ -26,14 +26,14 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from agents import limits
-from agents.limits import Quota, acquire, pause, settle
+from agents.providers import quotas
+from agents.providers.quotas import Quota, acquire, pause, settle
 
 # The suite's Redis (make test: the test broker's database; its keys under the suite's prefix).
 REDIS_URL = settings.REDIS_URL
 ROOT = Path(__file__).resolve().parents[2]
 LONG = 60.0  # a window nothing leaves during a test
-BUCKET = 1.0 / limits.BUCKETS  # the bucket of a one-second window
+BUCKET = 1.0 / quotas.BUCKETS  # the bucket of a one-second window
 
 # (clock before the call, clock after it, units) of one admission
 Admission = tuple[float, float, int]
@@ -285,10 +285,10 @@ def test_pause_refuses_every_acquire_touching_the_key_until_it_ends(backend, key
 
 
 def test_redis_unreachable_fails_open_and_warns_once(key, caplog, monkeypatch):
-    monkeypatch.setattr(limits, "_warned_at", float("-inf"))
+    monkeypatch.setattr(quotas._fail_open, "warned_at", float("-inf"))
     with (
         override_settings(REDIS_URL="redis://127.0.0.1:1/0"),
-        caplog.at_level(logging.WARNING, logger="agents.limits"),
+        caplog.at_level(logging.WARNING, logger="agents.providers.quotas"),
     ):
         started = time.monotonic()
         for _ in range(3):
@@ -296,7 +296,7 @@ def test_redis_unreachable_fails_open_and_warns_once(key, caplog, monkeypatch):
         settle(key, -1, window=LONG)
         pause(key, 10)
         assert time.monotonic() - started < 1.0
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "agents.limits"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "agents.providers.quotas"]
     assert "failing open" in warning and "Connection refused" in warning
 
 

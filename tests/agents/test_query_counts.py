@@ -10,9 +10,10 @@ from __future__ import annotations
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from agents import engine, governance
+from agents import engine
 from agents.engine import execute_tool_call
 from agents.models import Run
+from agents.providers import prices
 from agents.services import submit_run
 
 SCRIPT = [
@@ -36,8 +37,8 @@ def test_statements_per_engine_step(make_agent):
     run = submit_run(agent=agent, input="x")
     # A worker's steady state: the model prices are cached (10 s), as they were whenever an
     # earlier test of the session had read them lately (the figure depended on test order).
-    governance.forget_prices()
-    governance.price_of(run.model_route)
+    prices.forget_prices()
+    prices.price_of(run.model_route)
 
     with CaptureQueriesContext(connection) as model_turn:
         engine.advance(run.pk)  # start the run, the model call, one tool call recorded

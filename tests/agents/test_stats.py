@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from agents.models import Agent, Run, Step
-from agents.stats import summarise_window
+from agents.selectors import summarise_window
 from approvals.models import Approval
 
 pytestmark = pytest.mark.django_db
@@ -394,7 +394,7 @@ def test_without_percentile_cont_the_figures_are_the_same(scene, settings, monke
     # interpolated in Python, and must give what Postgres gives.
     from django.db import connection
 
-    from agents import stats
+    from agents import selectors as stats
 
     window = timedelta(days=30)
     in_sql = stats.summarise_window(window)["step_latency_ms"]
@@ -415,6 +415,6 @@ def test_without_percentile_cont_the_figures_are_the_same(scene, settings, monke
     ],
 )
 def test_percentile_cont_interpolates_as_postgres_does(values, fraction, expected):
-    from agents.stats import percentile_cont
+    from agents.selectors import percentile_cont
 
     assert percentile_cont(values, fraction) == expected

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents.models import ModelPrice, Run, Step
 from agents.services import create_api_key
+from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import decide
 from tests.conftest import (
@@ -39,7 +40,6 @@ from tests.conftest import (
     stop_process,
 )
 from tests.otlp_collector import OtlpCollector
-from tools import breaker
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

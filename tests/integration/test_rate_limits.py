@@ -1,7 +1,7 @@
 """Global rate limits on real workers: several worker processes (gevent, many model calls in
 flight each) share one provider's requests-per-minute limit, an agent's own limit, and a
-provider's 429 Retry-After, all counted in Redis (``agents.limits``). What reached the "provider"
-is read from the fake model server's arrival times.
+provider's 429 Retry-After, all counted in Redis (``agents.providers.quotas``). What reached the
+"provider" is read from the fake model server's arrival times.
 
 The rate window is compressed to 3 s (``AGENTSITE_RATE_WINDOW_SECONDS``) in three worker
 processes of this module's own, which are the only ones that run model steps while it runs: the

@@ -18,9 +18,9 @@ import pytest
 from agents.models import Run, Step
 from agents.reconciler import reconcile_stalled_runs
 from agents.services import submit_run
+from agentsite import breaker
 from audittrail.models import AuditEvent
 from tests.conftest import poll
-from tools import breaker
 from tools.models import OutboxMessage
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]

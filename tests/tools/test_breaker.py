@@ -1,4 +1,5 @@
-"""tools/breaker.py: the per-tool circuit breaker, on real Redis and on its in-process fallback.
+"""agentsite/breaker.py: the circuit breaker of tools and model routes, on real Redis and on
+its in-process fallback.
 
 Most tests run twice, once against the Redis of ``settings.REDIS_URL`` and once against the
 in-process fallback (``REDIS_URL = ""``), so that both keep the same semantics. Each test uses
@@ -21,8 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agentsite import rediskeys
-from tools import breaker
+from agentsite import breaker, rediskeys
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
@@ -362,7 +362,7 @@ def test_redis_keys_are_namespaced_and_all_expire(redis_tool: str, small: Any) -
 
 CHILD = """
 import json, sys
-from tools import breaker
+from agentsite import breaker
 tool, action = sys.argv[1], sys.argv[2]
 if action == "fail":
     for _ in range(int(sys.argv[3])):
@@ -471,7 +471,7 @@ def test_an_unreachable_redis_allows_calls_and_does_not_raise(
     small.REDIS_URL = "redis://127.0.0.1:1/0"
     name = f"test-breaker-{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="tools.breaker"):
+    with caplog.at_level(logging.WARNING, logger="agentsite.breaker"):
         for _ in range(FAILURES + 2):
             state = breaker.record_failure(name)
             assert state.state == breaker.CLOSED
@@ -484,7 +484,7 @@ def test_an_unreachable_redis_allows_calls_and_does_not_raise(
     assert time.monotonic() - started < 10  # no seconds of backoff per call
 
     # One warning: after the first error this process leaves Redis alone for a few seconds.
-    warnings = [r for r in caplog.records if r.name == "tools.breaker"]
+    warnings = [r for r in caplog.records if r.name == "agentsite.breaker"]
     assert [r.levelno for r in warnings] == [logging.WARNING]
     assert "allowing calls" in warnings[0].getMessage()
 
@@ -492,10 +492,10 @@ def test_an_unreachable_redis_allows_calls_and_does_not_raise(
 def test_an_unreachable_redis_is_tried_again_after_a_pause(
     small: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(breaker, "_REDIS_RETRY_AFTER", 0.0)
+    monkeypatch.setattr(breaker._fail_open, "rest_for", 0.0)
     small.REDIS_URL = "redis://127.0.0.1:2/0"
     name = f"test-breaker-{uuid.uuid4().hex[:12]}"
-    with caplog.at_level(logging.WARNING, logger="tools.breaker"):
+    with caplog.at_level(logging.WARNING, logger="agentsite.breaker"):
         for _ in range(3):
             assert breaker.before_call(name).allowed
-    assert len([r for r in caplog.records if r.name == "tools.breaker"]) == 3
+    assert len([r for r in caplog.records if r.name == "agentsite.breaker"]) == 3

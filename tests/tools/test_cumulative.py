@@ -15,11 +15,11 @@ from agents import engine
 from agents.engine import execute_tool_call
 from agents.models import Run, Step
 from agents.services import submit_run
+from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import DecisionError, decide
 from audittrail.models import AuditEvent
 from tests.conftest import drive
-from tools import breaker
 from tools.constraints import constraint_errors
 from tools.models import OutboxMessage
 from tools.registry import registry

@@ -13,11 +13,12 @@ from agents import engine
 from agents.engine import execute_tool_call
 from agents.models import Run, Step
 from agents.services import cancel_run, save_agent, submit_run
+from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import AlreadyDecided, DecisionError, decide
 from audittrail.models import AuditEvent
 from tests.conftest import drive
-from tools import breaker, policy
+from tools import policy
 from tools.models import OutboxMessage, Tool, ToolGrant
 from tools.registry import ToolSpec, registry
 

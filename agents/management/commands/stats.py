@@ -1,5 +1,5 @@
 """Print operators' figures for the last hour and day (or one --since window): runs by status,
-failure and escalation rates, step latency, tokens and cost per agent. Computed by agents.stats."""
+failure and escalation rates, step latency, tokens and cost per agent (from agents.selectors)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from agents import selectors
 from agents.models import Agent
-from agents.stats import DEFAULT_WINDOWS, TOP_AGENTS, WINDOWS, summarise_window
+from agents.selectors import DEFAULT_WINDOWS, TOP_AGENTS, WINDOWS, summarise_window
 from agentsite import heartbeats
 
 KNOWN_AGENTS_SHOWN = 20

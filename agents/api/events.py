@@ -29,10 +29,11 @@ from agentsite import authfailures, metrics
 from agentsite.errors import error_body, too_many_requests
 from agentsite.ratelimit import bucket_for, seconds_to_wait
 
-from . import apikeys, streamslots
-from .api import EVENTS_PAGE, RunViewSet, run_events
-from .models import ApiKey, Run
+from .. import apikeys, streamslots
+from ..models import ApiKey, Run
+from ..selectors import run_events
 from .serializers import EventSerializer
+from .views import EVENTS_PAGE, RunViewSet
 
 KEEPALIVE_SECONDS = 15.0
 _json_view = RunViewSet.as_view({"get": "events"})

@@ -10,11 +10,12 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from approvals import selectors as approval_selectors
 from audittrail.models import AuditEvent
 from tools.policy import version_grants
 from tools.registry import registry
 
-from .models import Agent, Run, Step
+from ..models import Agent, Run, Step
 
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -246,10 +247,7 @@ class RunSerializer(serializers.ModelSerializer):
     def get_pending_approval(self, run: Run) -> dict[str, Any] | None:
         if run.status != Run.Status.WAITING_APPROVAL:
             return None
-        from approvals.models import Approval
-
-        waiting = Approval.objects.filter(run=run, status=Approval.Status.PENDING)
-        pending = list(waiting.order_by("created_at")[:50])
+        pending = approval_selectors.pending_for_run(run, limit=50)
         if not pending:
             return None
         first = pending[0]

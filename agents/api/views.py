@@ -15,14 +15,14 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action, api_view
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from agentsite.apischema import NOT_JSON, TOO_LARGE, error_response
-from audittrail.models import AuditEvent
 
-from . import services, usage
-from .models import Agent, ApiKey, Run
+from .. import selectors, services
+from ..models import Agent, ApiKey, Run
 from .serializers import (
     AgentSerializer,
     EventPageSerializer,
@@ -62,11 +62,7 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     lookup_value_regex = "[-a-zA-Z0-9_]+"
 
     def get_queryset(self) -> QuerySet[Agent]:
-        return (
-            Agent.objects.filter(is_active=True, current_version__isnull=False)
-            .select_related("current_version")
-            .order_by("slug")
-        )
+        return selectors.listed_agents()
 
 
 @extend_schema_view(
@@ -79,23 +75,12 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
 
     def get_queryset(self) -> QuerySet[Run]:
-        runs = Run.objects.filter(owner=self.request.user).select_related(
-            "agent", "agent_version", "session"
-        )
+        runs = selectors.runs_of(self.request.user)
         if self.action != "list":
             return runs
         filters = RunFilterSerializer(data=self.request.query_params.dict())
         filters.is_valid(raise_exception=True)
-        f = filters.validated_data
-        if "status" in f:
-            runs = runs.filter(status=f["status"])
-        if "agent" in f:
-            runs = runs.filter(agent__slug=f["agent"])
-        if "created_after" in f:
-            runs = runs.filter(created_at__gte=f["created_after"])
-        if "created_before" in f:
-            runs = runs.filter(created_at__lt=f["created_before"])
-        return runs.order_by("-created_at", "-pk")
+        return selectors.filter_runs(runs, filters.validated_data)
 
     @extend_schema(
         parameters=[
@@ -166,7 +151,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def steps(self, request: Request, pk: str | None = None) -> Response:
         """Every step of the run, in order."""
         run = self.get_object()
-        return Response(StepSerializer(run.steps.order_by("index"), many=True).data)
+        return Response(StepSerializer(selectors.run_steps(run), many=True).data)
 
     @extend_schema(
         request=None,
@@ -222,7 +207,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         URL streams them as Server-Sent Events until the run ends (see the README)."""
         run = self.get_object()
         after = parse_after(request.query_params.get("after"))
-        events = list(run_events(run.pk, after)[:EVENTS_PAGE])
+        events = list(selectors.run_events(run.pk, after)[:EVENTS_PAGE])
         return Response(
             {
                 "events": EventSerializer(events, many=True).data,
@@ -264,7 +249,7 @@ def usage_report(request: Request) -> Response:
     query.is_valid(raise_exception=True)
     params = query.validated_data
     group_by = params.get("group_by", "agent")
-    groups = usage.summarise(
+    groups = selectors.usage_summary(
         Run.objects.filter(owner=request.user),
         group_by,
         since=params.get("since"),
@@ -281,8 +266,6 @@ def usage_report(request: Request) -> Response:
 
 
 def parse_after(value: str | None) -> int | None:
-    from rest_framework.exceptions import ValidationError
-
     if value is None or value == "":
         return None
     try:
@@ -292,8 +275,3 @@ def parse_after(value: str | None) -> int | None:
     if after < 0:
         raise ValidationError({"after": ["Must not be negative."]})
     return after
-
-
-def run_events(run_id: Any, after: int | None) -> QuerySet[AuditEvent]:
-    events = AuditEvent.objects.filter(run_id=run_id).order_by("id")
-    return events.filter(id__gt=after) if after is not None else events

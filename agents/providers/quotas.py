@@ -1,4 +1,4 @@
-"""Global rate limits (requests, tokens) shared by every worker, counted in Redis.
+"""Model quotas: rate limits (requests, tokens) shared by every worker, counted in Redis.
 
 The engine calls :func:`acquire` before each model call with the quotas the call spends (the
 provider's requests and tokens per window, the agent's), :func:`settle` afterwards to correct a
@@ -60,19 +60,26 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-import redis
 from django.conf import settings
 
+from agents.jsonsafe import count as _count
 from agentsite import rediskeys
+
+if TYPE_CHECKING:
+    from agents.models import Agent
+
+    from .base import ModelProvider, ModelResponse
 
 logger = logging.getLogger(__name__)
 
 #: Buckets per window: the more, the less longer than the window units count (one bucket at
 #: most, see the module docstring), and the more fields a quota's hash holds.
 BUCKETS = 60
-_WARN_EVERY = 30.0
+_fail_open = rediskeys.FailOpen(
+    logger, "rate limits are off (Redis failed in %s, failing open): %s", warn_every=30.0
+)
 
 # KEYS: one hash per quota. ARGV: bucket width (µs), span K (buckets summed besides the current
 # one), TTL (ms), then each quota's limit and (capped) cost. Returns 0 if admitted, else the
@@ -207,18 +214,17 @@ def acquire(quotas: Sequence[Quota], *, window: float) -> float | None:
     if not quotas:
         return None
     costs = [(quota.limit, min(quota.cost, quota.limit)) for quota in quotas]
-    url = settings.REDIS_URL
-    if not url:
+    if not settings.REDIS_URL:
         wait_us = _local.acquire(keys, costs, width, span)
     else:
-        try:
-            wait_us = _scripts(url).acquire(
+        wait_us = _fail_open.call(
+            lambda: rediskeys.script(_ACQUIRE, timeout=1)(
                 keys=[_redis_key(key) for key in keys],
                 args=[width, span, _ttl_ms(window), *(n for pair in costs for n in pair)],
-            )
-        except redis.RedisError as exc:
-            _warn("acquire", exc)
-            return None
+            ),
+            0,
+            "acquire",
+        )
     if not wait_us:
         return None
     wait = int(wait_us) / 1e6
@@ -232,14 +238,16 @@ def settle(key: str, delta: int, *, window: float) -> None:
     width, span = _geometry(window)
     if not delta:
         return
-    url = settings.REDIS_URL
-    if not url:
+    if not settings.REDIS_URL:
         _local.settle(key, delta, width, span)
         return
-    try:
-        _scripts(url).settle(keys=[_redis_key(key)], args=[delta, width, span, _ttl_ms(window)])
-    except redis.RedisError as exc:
-        _warn("settle", exc)
+    _fail_open.call(
+        lambda: rediskeys.script(_SETTLE, timeout=1)(
+            keys=[_redis_key(key)], args=[delta, width, span, _ttl_ms(window)]
+        ),
+        None,
+        "settle",
+    )
 
 
 def pause(key: str, seconds: float) -> None:
@@ -248,14 +256,58 @@ def pause(key: str, seconds: float) -> None:
     pause_us = math.ceil(seconds * 1e6)
     if pause_us <= 0:
         return
-    url = settings.REDIS_URL
-    if not url:
+    if not settings.REDIS_URL:
         _local.pause(key, pause_us)
         return
-    try:
-        _scripts(url).pause(keys=[_redis_key(key)], args=[pause_us])
-    except redis.RedisError as exc:
-        _warn("pause", exc)
+    _fail_open.call(
+        lambda: rediskeys.script(_PAUSE, timeout=1)(keys=[_redis_key(key)], args=[pause_us]),
+        None,
+        "pause",
+    )
+
+
+def quota_key(owner: str, unit: str) -> str:
+    """A quota's key names the window it is counted in: a key's buckets are numbered by the
+    window, so processes configured with different windows (a rolling deploy changing
+    AGENTSITE_RATE_WINDOW_SECONDS) must not share one."""
+    return f"{owner}:{unit}:{settings.AGENTSITE_RATE_WINDOW_SECONDS:g}s"
+
+
+def provider_key(route: str) -> str:
+    return quota_key(f"provider:{route.partition(':')[0]}", "requests")
+
+
+def for_call(provider: ModelProvider, agent: Agent, estimate: int) -> list[Quota]:
+    """The rate limits a call spends: the provider's (its requests quota always, so that a
+    429's pause holds every worker back) and the agent's, each per minute."""
+    if provider.name == "scripted":
+        return []
+    never = 2**31 - 1  # a quota with no limit still carries the provider's pause
+    owner = f"provider:{provider.name}"
+    spent = [Quota(quota_key(owner, "requests"), provider.requests_per_minute or never, 1)]
+    if provider.tokens_per_minute:
+        spent.append(Quota(quota_key(owner, "tokens"), provider.tokens_per_minute, estimate))
+    if agent.requests_per_minute:
+        spent.append(
+            Quota(quota_key(f"agent:{agent.pk}", "requests"), agent.requests_per_minute, 1)
+        )
+    if agent.tokens_per_minute:
+        spent.append(
+            Quota(quota_key(f"agent:{agent.pk}", "tokens"), agent.tokens_per_minute, estimate)
+        )
+    return spent
+
+
+def settle_tokens(spent: Sequence[Quota], response: ModelResponse, took: float) -> None:
+    """Charge the token quotas what the call used instead of its estimate. A refund is only
+    taken while the call's own charge is still inside the window (settle gives back
+    from the oldest units it holds: after a longer call those would be other calls')."""
+    window = settings.AGENTSITE_RATE_WINDOW_SECONDS
+    actual = _count(response.input_tokens) + _count(response.output_tokens)
+    for quota in spent:
+        delta = actual - min(quota.cost, quota.limit)
+        if ":tokens:" in quota.key and delta and (delta > 0 or took < window):
+            settle(quota.key, delta, window=window)
 
 
 def _redis_key(key: str) -> str:
@@ -274,46 +326,6 @@ def _geometry(window: float) -> tuple[int, int]:
 def _ttl_ms(window: float) -> int:
     """Two windows: a quota's hash outlives every bucket it may still need."""
     return math.ceil(2 * window * 1000)
-
-
-# -- Redis -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Scripts:
-    acquire: Any
-    settle: Any
-    pause: Any
-
-
-_lock = threading.Lock()
-_clients: dict[str, _Scripts] = {}
-_warned_at = -math.inf
-
-
-def _scripts(url: str) -> _Scripts:
-    """The scripts on a client for ``url``, one per URL and process. redis-py's client is
-    thread-safe (a pool of connections), and cooperates with gevent once it is patched."""
-    with _lock:
-        scripts = _clients.get(url)
-        if scripts is None:
-            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-            scripts = _clients[url] = _Scripts(
-                client.register_script(_ACQUIRE),
-                client.register_script(_SETTLE),
-                client.register_script(_PAUSE),
-            )
-        return scripts
-
-
-def _warn(operation: str, exc: Exception) -> None:
-    global _warned_at
-    now = time.monotonic()
-    with _lock:
-        if now - _warned_at < _WARN_EVERY:
-            return
-        _warned_at = now
-    logger.warning("rate limits are off (Redis failed in %s, failing open): %s", operation, exc)
 
 
 # -- without Redis ---------------------------------------------------------------------------

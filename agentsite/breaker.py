@@ -1,4 +1,7 @@
-"""A circuit breaker per tool, its state shared by every worker process through Redis.
+"""A circuit breaker per tool or model route, shared by every worker process through Redis.
+
+A tool's circuit is named after the tool; a model route's is ``model:<route>``
+(agents.providers.routing).
 
 States:
 
@@ -16,7 +19,7 @@ States:
   the next caller gets a new probe. Any success or failure reported in this state decides, not
   only the probe's (the API carries no probe token; a call that succeeded is evidence enough).
 
-Redis keys, all with TTLs (``<tool>`` is the tool's name):
+Redis keys, all with TTLs (``<tool>`` is the circuit's name):
 
 * ``agentsite:breaker:<tool>:failures``: sorted set of failures scored by Redis time in ms;
   expires a window after the last failure.
@@ -33,8 +36,8 @@ thread-safe implementation with the same semantics, so its state is then *per pr
 worker process counts its own failures and opens its own circuits. If Redis is configured but
 fails (down, timing out), the breaker fails open: calls are allowed, the failure is logged as a
 warning, and nothing is raised to the caller; a Redis blip must never block every tool. The
-process then leaves Redis alone for ``_REDIS_RETRY_AFTER`` seconds (allowing every call), so a
-black-holed Redis does not add its timeouts to each tool call.
+process then leaves Redis alone for a few seconds (``_fail_open.rest_for``, allowing every
+call), so a black-holed Redis does not add its timeouts to each tool call.
 """
 
 from __future__ import annotations
@@ -49,9 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from django.conf import settings
-from redis.exceptions import RedisError
 
-from agentsite import rediskeys
+from . import rediskeys
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -165,7 +167,7 @@ return 0
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Redis:
     client: Any
     check: Any
@@ -173,37 +175,24 @@ class _Redis:
     success: Any
 
 
-_client_lock = threading.Lock()
-_clients: dict[str, _Redis] = {}
-# After a Redis error this process skips Redis (allowing calls) for this many seconds, so that a
-# Redis that is down or black-holed does not add its timeouts to every tool call.
-_REDIS_RETRY_AFTER = 5.0
-_down_until: dict[str, float] = {}
-
-
 def _redis() -> _Redis:
-    """The client for the current ``REDIS_URL`` (one per URL, so tests may switch it)."""
-    url = settings.REDIS_URL
-    with _client_lock:
-        found = _clients.get(url)
-        if found is None:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
+    """The client of ``REDIS_URL`` and the scripts on it: one quick retry, not redis-py's
+    seconds of backoff, since the breaker is asked on every call."""
+    return _Redis(
+        client=rediskeys.client(timeout=1, retry_once=True),
+        check=rediskeys.script(_CHECK, timeout=1, retry_once=True),
+        failure=rediskeys.script(_FAILURE, timeout=1, retry_once=True),
+        success=rediskeys.script(_SUCCESS, timeout=1, retry_once=True),
+    )
 
-            client = redis.Redis.from_url(
-                url,
-                socket_timeout=1,
-                socket_connect_timeout=1,
-                retry=Retry(NoBackoff(), 1),  # one quick retry, not redis-py's seconds of backoff
-            )
-            found = _clients[url] = _Redis(
-                client=client,
-                check=client.register_script(_CHECK),
-                failure=client.register_script(_FAILURE),
-                success=client.register_script(_SUCCESS),
-            )
-        return found
+
+# After a Redis error this process skips Redis (allowing calls) for a few seconds, so that a
+# Redis that is down or black-holed does not add its timeouts to every tool call.
+_fail_open = rediskeys.FailOpen(
+    logger,
+    "circuit breaker unavailable (%s %s), allowing calls for the next %ss: %s",
+    rest_for=5.0,
+)
 
 
 def _keys(tool: str) -> list[str]:
@@ -235,24 +224,7 @@ def _state(tool: str, reply: Any) -> BreakerState:
 
 def _on_redis(action: str, tool: str, op: Callable[[_Redis], R], fallback: R) -> R:
     """``op`` on Redis, or ``fallback`` (calls allowed) if Redis fails or failed moments ago."""
-    url = settings.REDIS_URL
-    if time.monotonic() < _down_until.get(url, 0.0):
-        return fallback
-    try:
-        result = op(_redis())
-    except RedisError as exc:
-        _down_until[url] = time.monotonic() + _REDIS_RETRY_AFTER
-        logger.warning(
-            "circuit breaker unavailable (%s %s), allowing calls for the next %ss: %s",
-            action,
-            tool,
-            _REDIS_RETRY_AFTER,
-            exc,
-        )
-        return fallback
-    if url in _down_until:
-        _down_until.pop(url, None)
-    return result
+    return _fail_open.call(lambda: op(_redis()), fallback, action, tool, _fail_open.rest_for)
 
 
 # --- In-process fallback -----------------------------------------------------------------------
