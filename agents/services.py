@@ -1,4 +1,5 @@
-"""Domain operations on agents and runs: the only code that changes their state (with engine.py)."""
+"""Domain operations on agents and runs that are not engine transitions: defining agents and
+versions, submitting, cancelling and retrying runs (through agents.engine.transitions), keys."""
 
 from __future__ import annotations
 

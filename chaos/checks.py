@@ -255,7 +255,7 @@ def injected_on_every_attempt(run: Any) -> bool:
     failing = [e for e in events if e.action in ("step.failed", "step.lease_expired")]
     index = failing[-1].step_index if failing else None
     if run.error_code == "worker_lost":
-        # The final attempt was lost; _plan fails the step without a step.failed event.
+        # The final attempt was lost; model_step.plan fails the step with no step.failed event.
         index = max((e.step_index for e in events if e.step_index is not None), default=None)
     if index is None:
         return False
