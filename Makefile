@@ -105,7 +105,7 @@ up: migrate
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile -e /dev/null
 
 fake-openai: venv
-	$(BIN)/python -m agents.providers.fake_server --port 8765
+	$(BIN)/python -m harness.fake_server --port 8765
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .ruff_cache .mypy_cache

@@ -13,7 +13,7 @@ from django.contrib.messages import get_messages
 from agents.models import Agent, AgentVersion, AuditEvent, ModelProvider, Run, Step
 from agents.providers import resolve_route
 from agents.services import start_session, submit_run
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools.models import KnowledgeDocument, OutboxMessage, Tool
 
 pytestmark = pytest.mark.django_db

@@ -12,7 +12,7 @@ from agents import engine
 from agents.exceptions import AgentNotFound, AgentUnavailable, InvalidRunInput, RunAlreadyFinished
 from agents.models import AuditEvent, Run, Step
 from agents.services import cancel_run, save_agent, start_session, submit_run
-from tests.conftest import drive
+from tests.support.engine import drive
 
 pytestmark = pytest.mark.django_db
 

@@ -11,7 +11,7 @@ from agents import engine
 from agents.exceptions import RunNotRetryable
 from agents.models import AuditEvent, Run, Step
 from agents.services import retry_run, submit_run
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools.services import execute_tool_call
 
 CALL = [{"name": "calculator", "arguments": {"expression": "6*7"}}]

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from agents import apikeys
 from agents.models import ApiKey, AuditEvent, Run
 from agents.services import revoke_api_key, submit_run
-from tests.api.conftest import assert_error
+from tests.support.api import assert_error
 
 pytestmark = pytest.mark.django_db
 

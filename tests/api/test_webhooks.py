@@ -13,7 +13,8 @@ import pytest
 from agents import webhooks
 from agents.models import AuditEvent, Run
 from agents.services import submit_run
-from tests.conftest import LOOPBACK_NETWORKS, drive
+from tests.support.engine import drive
+from tests.support.processes import LOOPBACK_NETWORKS
 
 pytestmark = pytest.mark.django_db
 

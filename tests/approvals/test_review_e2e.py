@@ -18,7 +18,7 @@ from django.core.management import call_command
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
-from tests.conftest import poll
+from harness.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -8,8 +8,7 @@ from django.db import DatabaseError, connection
 from agents.models import AuditEvent
 from audittrail import chain
 from audittrail.models import AuditSeal
-
-from .conftest import add_events
+from tests.support.audittrail import add_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -14,8 +14,7 @@ from agents.models import AuditEvent
 from agents.services import submit_run
 from audittrail import chain
 from audittrail.models import AuditSeal, SealHorizon
-
-from .conftest import add_events
+from tests.support.audittrail import add_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -16,8 +16,7 @@ from django.db import connection
 from agents.models import AuditEvent
 from audittrail import chain
 from audittrail.models import AuditSeal
-
-from .conftest import add_events, triggers_off, verify
+from tests.support.audittrail import add_events, triggers_off, verify
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

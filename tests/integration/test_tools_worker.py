@@ -18,7 +18,7 @@ import pytest
 from agents.models import AuditEvent, Run, Step
 from agents.reconciler import reconcile_stalled_runs
 from agents.services import submit_run
-from tests.conftest import poll
+from harness.polling import poll
 from tools import breaker
 from tools.models import OutboxMessage
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
 from agentsite.celery import app
-from tests.conftest import poll
+from harness.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

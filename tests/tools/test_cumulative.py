@@ -16,7 +16,7 @@ from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
 from approvals.services import DecisionError, decide
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools import breaker
 from tools.constraints import constraint_errors
 from tools.models import OutboxMessage

@@ -14,7 +14,7 @@ from agents.models import AuditEvent, Run, Step
 from agents.services import cancel_run, save_agent, submit_run
 from approvals.models import Approval
 from approvals.services import AlreadyDecided, DecisionError, decide
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools import breaker, policy
 from tools.models import OutboxMessage, Tool, ToolGrant
 from tools.registry import ToolSpec, registry

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from agents import engine
 from agents.models import AuditEvent, Run, Step
 from agents.services import submit_run
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools.registry import (
     ToolArgumentsInvalid,
     ToolContext,
