@@ -71,8 +71,9 @@ def _fresh_model_limits() -> None:
     if not settings.REDIS_URL:
         return
     # ... nor failed authentications counted against 127.0.0.1, every test's client address.
-    for name in ("quota:*", "breaker:model:*", "rate:authfail:*"):
-        delete_redis_keys(rediskeys.key(name))
+    delete_redis_keys(
+        *(rediskeys.key(n) for n in ("quota:*", "breaker:model:*", "rate:authfail:*"))
+    )
 
 
 @pytest.fixture(autouse=True)

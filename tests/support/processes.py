@@ -4,6 +4,7 @@ settings, the suite's Redis keys)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -159,24 +160,40 @@ class WorkerProcess:
         return dict(stats.get(self.name, {}).get("total", {}))
 
 
-def delete_redis_keys(pattern: str) -> None:
-    """Delete the keys matching ``pattern`` (a SCAN pattern) in the suite's Redis."""
-    client = redis.Redis.from_url(settings.REDIS_URL or settings.CELERY_BROKER_URL)
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) == 500:
-            client.delete(*batch)
-            batch = []
-    if batch:
-        client.delete(*batch)
+# Deletes the keys matching any of ARGV (SCAN patterns), scanning on the server: one round trip.
+_DELETE_MATCHING = """
+local deleted = 0
+for _, pattern in ipairs(ARGV) do
+  local cursor = "0"
+  repeat
+    local reply = redis.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+    cursor = reply[1]
+    for _, key in ipairs(reply[2]) do
+      deleted = deleted + redis.call("DEL", key)
+    end
+  until cursor == "0"
+end
+return deleted
+"""
+
+
+@functools.cache
+def suite_redis(url: str = "") -> redis.Redis:
+    """The process's client of the suite's Redis (``url``: default REDIS_URL, or the broker's)."""
+    return redis.Redis.from_url(url or settings.REDIS_URL or settings.CELERY_BROKER_URL)
+
+
+def delete_redis_keys(*patterns: str) -> int:
+    """Delete the keys matching any of ``patterns`` (SCAN patterns) in the suite's Redis; how
+    many there were."""
+    return int(suite_redis().eval(_DELETE_MATCHING, 0, *patterns))
 
 
 def purge_queues() -> int:
     """Drop the messages waiting in the project's queues (kombu's priority lists included),
     keeping the queues' bindings, which running processes remember having declared; how many
     queues had messages."""
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client = suite_redis(settings.CELERY_BROKER_URL)
     names = [
         rediskeys.broker_key(queue if step == 0 else f"{queue}\x06\x16{step}")
         for queue in celery_queues()
