@@ -13,15 +13,22 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/agentsite
 TEST_DB_NAME ?= test_agentsite_$(CHECKOUT_ID)
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/15
 TEST_REDIS_KEY_PREFIX ?= agentsite-test-$(CHECKOUT_ID):
+# The suite runs on this many processes (pytest-xdist; each has its own test database, key prefix
+# and queues: tests/support/parallel.py). Most of its time is spent waiting on real processes,
+# so more than the 2 cores of a small machine.
+TEST_WORKERS ?= 3
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 # make up: where the API and Flower listen.
 PORT ?= 8000
 FLOWER_PORT ?= 5555
 
-.PHONY: help venv demo test lint services up migrate fake-openai clean browser-deps bench chaos env
+.PHONY: help venv demo test test-fast lint services up migrate fake-openai clean browser-deps bench chaos env
 
 help:
 	@echo "make demo   - install, migrate, seed and run the demo agents on a real worker"
-	@echo "make test   - the whole suite against Postgres and Redis (started if installed)"
+	@echo "make test   - the whole suite against Postgres and Redis (started if installed), on"
+	@echo "              TEST_WORKERS=3 xdist processes; PYTEST_ARGS=tests/x.py for one file"
+	@echo "make test-fast - the suite without real worker/API processes or chaos/demo runs (<1 min)"
 	@echo "make lint   - ruff (lint + format check) and mypy"
 	@echo "make up     - web server, worker, beat and Flower for local use (PORT, FLOWER_PORT)"
 	@echo "make browser-deps - Debian's chromium for the browser test (apt-get, as root)"
@@ -72,12 +79,19 @@ test: venv services
 	@$(MAKE) --no-print-directory browser-deps || echo "chromium not installed: browser test will skip"
 	DEBUG=1 AGENTSITE_ENV_FILE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 	  AGENTSITE_TEST_DB_NAME=$(TEST_DB_NAME) AGENTSITE_REDIS_KEY_PREFIX=$(TEST_REDIS_KEY_PREFIX) \
-	  $(BIN)/python -m pytest $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+
+# Day-to-day: what needs no Celery worker, API server or deployment of its own (the tests marked
+# integration, or grouped as processes by tests/support/parallel.py).
+test-fast: venv services
+	DEBUG=1 AGENTSITE_ENV_FILE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	  AGENTSITE_TEST_DB_NAME=$(TEST_DB_NAME) AGENTSITE_REDIS_KEY_PREFIX=$(TEST_REDIS_KEY_PREFIX) \
+	  $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not integration and not processes" $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals audittrail
+	DEBUG=1 $(BIN)/mypy agentsite agents tools approvals audittrail harness
 
 # The fault-injection suite (about 2 minutes): a Postgres and a Redis of its own (it restarts
 # them), real workers/beat/API, faults while runs are submitted. `make chaos CHAOS_ARGS=--help`.
@@ -105,7 +119,7 @@ up: migrate
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile -e /dev/null
 
 fake-openai: venv
-	$(BIN)/python -m agents.providers.fake_server --port 8765
+	$(BIN)/python -m harness.fake_server --port 8765
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .ruff_cache .mypy_cache

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from harness.polling import HarnessError
+
 from .options import ROOT, Options
-from .polling import BenchError
 
 # Not a secret: the bench's processes run DEBUG=0 (as in production), which needs one.
 BENCH_SECRET_KEY = "bench-only-secret-key-0c9d1e8f5a7b43e6a1f2d3c4b5a69788"
@@ -29,13 +30,13 @@ KEY_PREFIX = "agentsite-bench:"
 
 
 def database_name(url: str) -> str:
-    """The database of ``url``; BenchError unless its name contains "bench"."""
+    """The database of ``url``; HarnessError unless its name contains "bench"."""
     parts = urlsplit(url)
     name = parts.path.lstrip("/")
     if parts.scheme not in ("postgres", "postgresql"):
-        raise BenchError(f"--database-url must be a postgres:// URL, not {url!r}")
+        raise HarnessError(f"--database-url must be a postgres:// URL, not {url!r}")
     if "bench" not in name:
-        raise BenchError(
+        raise HarnessError(
             f"refusing to drop database {name!r}: the bench only recreates a database whose "
             "name contains 'bench'"
         )
@@ -47,7 +48,7 @@ def redis_db(url: str) -> int:
 
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        raise BenchError(f"--broker-url must be a redis:// URL, not {url!r}")
+        raise HarnessError(f"--broker-url must be a redis:// URL, not {url!r}")
     # As redis-py reads it: a ?db= in the query wins over the path.
     return int(parse_url(url).get("db") or 0)
 
@@ -139,7 +140,7 @@ def migrate(env: dict[str, str], log: Path) -> None:
         )
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise BenchError(f"manage.py migrate failed ({code}):\n{tail}")
+        raise HarnessError(f"manage.py migrate failed ({code}):\n{tail}")
 
 
 def setup_django(env: dict[str, str]) -> Any:

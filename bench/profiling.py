@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .polling import BenchError
-from .processes import ManagedProcess, spawn
+from harness.polling import HarnessError
+from harness.processes import ManagedProcess, spawn
 
 if TYPE_CHECKING:
     from .scenarios.base import Context
@@ -75,7 +75,7 @@ class WorkerProfiler:
             for process, path in self.spies:
                 process.stop(grace=60, sig=signal.SIGINT)  # py-spy writes its file on SIGINT
                 if not path.exists():
-                    raise BenchError(f"py-spy wrote no profile:\n{process.log_tail()}")
+                    raise HarnessError(f"py-spy wrote no profile:\n{process.log_tail()}")
                 written.append(str(path))
         elif self.kind == "pyinstrument":
             targets = [(w.nodename, str(self._path(w.index, ".html"))) for w in self.ctx.workers]
@@ -94,4 +94,4 @@ class WorkerProfiler:
             )
             answer: dict[str, Any] = next(iter(replies[0].values()), {}) if replies else {}
             if "error" in answer or not answer:
-                raise BenchError(f"pyinstrument {action} on {nodename}: {answer or 'no reply'}")
+                raise HarnessError(f"pyinstrument {action} on {nodename}: {answer or 'no reply'}")

@@ -22,10 +22,11 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from harness.polling import Deadline, HarnessError
+from harness.processes import start_fake_server, start_workers, stop_all, wait_workers_ready
+
 from . import datastores, report
 from .options import Options, parse_args
-from .polling import BenchError, Deadline
-from .processes import start_fake_server, start_workers, stop_all, wait_workers_ready
 from .scenarios import WITH_WORKERS, WITHOUT_WORKERS, Scenario
 from .scenarios.base import Context, Probe, ScenarioResult, progress
 
@@ -41,7 +42,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def run_scenario(
     name: str, scenario: Scenario, ctx: Context, results: dict[str, ScenarioResult]
 ) -> None:
-    """Run one scenario into ``results[name]``; a BenchError (or a crash) makes it BROKEN with
+    """Run one scenario into ``results[name]``; a HarnessError (or a crash) makes it BROKEN with
     what was measured so far, and so does an interrupt (which goes on up)."""
     result = results[name] = ScenarioResult(name)
     started = time.monotonic()
@@ -49,7 +50,7 @@ def run_scenario(
         ctx.alive()
         ctx.probe.clear()
         scenario(ctx, result)
-    except BenchError as exc:
+    except HarnessError as exc:
         result.error = str(exc)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -75,7 +76,7 @@ def _recover(ctx: Context) -> None:
 
 
 def measure(opts: Options, results: dict[str, ScenarioResult]) -> None:
-    """Run every selected scenario into ``results``; BenchError if the bench cannot start."""
+    """Run every selected scenario into ``results``; HarnessError if the bench cannot start."""
     logs = opts.results_dir / "logs"
     scratch = opts.results_dir / "scratch"
     for folder in (logs, scratch):
@@ -110,8 +111,21 @@ def measure(opts: Options, results: dict[str, ScenarioResult]) -> None:
             f"starting {opts.workers} workers (-P {opts.pool} -c {opts.concurrency}) "
             f"on {opts.broker_url}"
         )
-        ctx.workers = start_workers(opts, env=env, logs=logs)
-        wait_workers_ready(app, ctx.workers, Deadline(90, "the workers to answer a ping"))
+        ctx.workers = start_workers(
+            opts.workers,
+            name="bench",
+            pool=opts.pool,
+            concurrency=opts.concurrency,
+            include=("bench.probe",),
+            env=env,
+            logs=logs,
+        )
+        wait_workers_ready(
+            app,
+            [w.nodename for w in ctx.workers],
+            Deadline(90, "the workers to answer a ping"),
+            alive=ctx.alive,
+        )
         for name, scenario in WITH_WORKERS.items():
             if name in opts.only:
                 run_scenario(name, scenario, ctx, results)
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         measure(opts, results)
-    except BenchError as exc:
+    except HarnessError as exc:
         fatal = str(exc)
     except (KeyboardInterrupt, Interrupted) as exc:
         interrupted = True

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.polling import BenchError
+from harness.polling import HarnessError
 
 from .checks import Report
 from .suite import ROOT, Options, Suite, log
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         report = suite.run()
-    except BenchError as exc:
+    except HarnessError as exc:
         log(f"the suite broke: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:

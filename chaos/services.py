@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.polling import BenchError, Deadline, poll
-from bench.processes import ManagedProcess, free_port, spawn
+from harness.polling import Deadline, HarnessError, poll
+from harness.processes import ManagedProcess, free_port, spawn
 
 POSTGRES_USER = "postgres"  # the OS user that owns the cluster when the suite runs as root
 
@@ -45,7 +45,7 @@ def postgres_bindir() -> Path:
     for candidate in candidates:
         if (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
             return Path(candidate)
-    raise BenchError(
+    raise HarnessError(
         "the chaos suite runs a Postgres server of its own and needs the PostgreSQL server "
         "programs (initdb, pg_ctl): install them (Debian: postgresql) or set CHAOS_PG_BINDIR"
     )
@@ -58,13 +58,13 @@ def _as_owner() -> list[str]:
     try:
         pwd.getpwnam(POSTGRES_USER)
     except KeyError:
-        raise BenchError(
+        raise HarnessError(
             "running as root, the suite starts Postgres as the 'postgres' user, which does not "
             "exist here; run it as an ordinary user"
         ) from None
     runuser = shutil.which("runuser") or shutil.which("su")
     if runuser is None or not runuser.endswith("runuser"):
-        raise BenchError("running as root, the suite needs runuser to start Postgres")
+        raise HarnessError("running as root, the suite needs runuser to start Postgres")
     return [runuser, "-u", POSTGRES_USER, "--"]
 
 
@@ -101,7 +101,9 @@ class PrivatePostgres:
         argv = [*_as_owner(), str(self.bindir / program), *args]
         done = subprocess.run(argv, capture_output=True, text=True, cwd=self.root, check=False)
         if done.returncode != 0:
-            raise BenchError(f"{program} failed ({done.returncode}): {done.stderr or done.stdout}")
+            raise HarnessError(
+                f"{program} failed ({done.returncode}): {done.stderr or done.stdout}"
+            )
 
     def _options(self) -> str:
         return (
@@ -134,7 +136,7 @@ class PrivatePostgres:
             conn.execute("CREATE DATABASE agentsite_chaos")
 
     def remove(self) -> None:
-        with contextlib.suppress(BenchError):
+        with contextlib.suppress(HarnessError):
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -145,7 +147,7 @@ class PrivateRedis:
     def __init__(self, logs: Path, env: dict[str, str]) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise BenchError("the chaos suite needs redis-server on the PATH")
+            raise HarnessError("the chaos suite needs redis-server on the PATH")
         self.binary = binary
         self.logs = logs
         self.env = env
@@ -204,7 +206,7 @@ class ExistingPostgres:
         parts = urlsplit(url)
         self.name = parts.path.lstrip("/")
         if parts.scheme not in ("postgres", "postgresql") or "chaos" not in self.name:
-            raise BenchError(
+            raise HarnessError(
                 f"--database-url must be a postgres:// URL of a database whose name contains "
                 f"'chaos' (the suite drops it), not {url!r}"
             )
@@ -224,7 +226,7 @@ class ExistingPostgres:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
 
     def restart(self, down_for: float) -> None:
-        raise BenchError("the suite cannot restart a Postgres it did not start")
+        raise HarnessError("the suite cannot restart a Postgres it did not start")
 
     def remove(self) -> None:
         import psycopg

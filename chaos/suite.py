@@ -26,15 +26,18 @@ from typing import Any
 import httpx
 
 from bench.datastores import migrate
-from bench.polling import BenchError, Deadline, poll
-from bench.processes import (
+from harness.polling import Deadline, HarnessError
+from harness.processes import (
+    QUEUES,
     FakeServer,
     ManagedProcess,
-    free_port,
     spawn,
+    start_api,
     start_beat,
     start_fake_server,
     stop_all,
+    wait_workers_ready,
+    worker_argv,
 )
 
 from . import scenario
@@ -42,7 +45,6 @@ from .scenario import Fault
 from .services import ExistingPostgres, PrivatePostgres, PrivateRedis
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUES = "models,tools,maintenance,default"
 SECRET_KEY = "chaos-only-secret-key-5d1c0b7e9f2a4c38b6e1d0a9f8e7c6b5"
 FAKE_API_KEY = "sk-chaos-fake-key"
 
@@ -113,7 +115,7 @@ class Api:
         self.retried = False
         while True:
             if self.stop.is_set():
-                raise BenchError(f"{method} {path}: the suite is stopping")
+                raise HarnessError(f"{method} {path}: the suite is stopping")
             try:
                 response = self.client.request(method, path, json=json, headers=headers)
                 if response.status_code < 500 and response.status_code != 429:
@@ -122,7 +124,7 @@ class Api:
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}"
             if time.monotonic() > deadline:
-                raise BenchError(f"{method} {path} kept failing for {within:g} s: {problem}")
+                raise HarnessError(f"{method} {path} kept failing for {within:g} s: {problem}")
             with self.ledger.lock:
                 self.ledger.client_retries += 1
             self.retried = True
@@ -259,12 +261,9 @@ class Suite:
         self.reviewer_key = create_api_key(user=reviewer, name="chaos reviewer")[1]
 
     def start_worker(self, index: int) -> None:
-        argv = [
-            sys.executable, "-m", "celery", "-A", "agentsite", "worker",
-            "-P", "gevent", "-c", str(self.opts.concurrency), "--prefetch-multiplier", "2",
-            "-Q", QUEUES, "-n", f"chaos-{index + 1}@%h", "--without-gossip", "--without-mingle",
-            "--loglevel", "WARNING",
-        ]  # fmt: skip
+        argv = worker_argv(
+            f"chaos-{index + 1}@%h", concurrency=self.opts.concurrency, queues=QUEUES
+        )
         name = f"worker-{index + 1}-{int(time.monotonic() * 1000)}"
         self.workers[index] = spawn(name, argv, env=self.env, logs=self.logs)
 
@@ -272,33 +271,17 @@ class Suite:
         from agentsite.celery import app
 
         host = socket.gethostname()
-        waiting = {f"chaos-{i + 1}@{host}" for i in range(self.opts.workers)}
-
-        def answered() -> bool:
-            for reply in app.control.ping(destination=sorted(waiting), timeout=0.5) or []:
-                waiting.difference_update(reply)
-            return not waiting
-
-        poll(answered, Deadline(90, "the workers to answer a ping"), interval=0.2, alive=self.alive)
+        wait_workers_ready(
+            app,
+            [f"chaos-{i + 1}@{host}" for i in range(self.opts.workers)],
+            Deadline(90, "the workers to answer a ping"),
+            interval=0.2,
+            alive=self.alive,
+        )
 
     def start_api(self) -> None:
-        port = free_port()
-        argv = [
-            sys.executable, "-m", "gunicorn", "agentsite.asgi:application",
-            "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "2",
-            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--graceful-timeout", "5",
-            "--config", "gunicorn.conf.py",  # as deployed (multiprocess metrics)
-        ]  # fmt: skip
-        process = spawn("gunicorn", argv, env=self.env, logs=self.logs)
-        self.api_url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        poll(healthy, Deadline(60, "the API to answer /healthz"), interval=0.2, alive=process.check)
+        server = start_api(workers=2, env=self.env, logs=self.logs, interval=0.2)
+        self.api_url = server.base_url
 
     def alive(self) -> None:
         for worker in self.workers:
@@ -354,13 +337,13 @@ class Suite:
             while not self.stop_background.is_set():
                 try:
                     page = api.call("GET", "/api/v1/approvals/?status=pending&limit=100", within=60)
-                except BenchError as exc:
+                except HarnessError as exc:
                     log(f"reviewer: {exc}")
                     continue
                 for approval in page.json().get("results", []):
                     try:
                         self.decide(api, approval)
-                    except BenchError as exc:
+                    except HarnessError as exc:
                         log(f"reviewer: {exc}")  # the next pass tries again
                 self.stop_background.wait(0.3)
         finally:
@@ -419,7 +402,7 @@ class Suite:
             time.sleep(2.0)  # how long it answers nonsense
             self.fake.configure("chaos-nonsense", nonsense=None)
         else:
-            raise BenchError(f"unknown fault {fault.kind!r}")
+            raise HarnessError(f"unknown fault {fault.kind!r}")
         self.ledger.faults.append((time.monotonic() - self.first_submit, fault))
         self.last_fault_end = time.monotonic()
 

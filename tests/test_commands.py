@@ -159,7 +159,7 @@ def test_the_seeded_refund_agent_waits_for_a_reviewer_above_50_eur(admin_user):
     from agents.services import submit_run
     from approvals.models import Approval
     from approvals.services import decide
-    from tests.conftest import drive
+    from tests.support.engine import drive
     from tools.models import OutboxMessage
 
     run_command("seed_demo")

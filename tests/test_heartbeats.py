@@ -21,7 +21,7 @@ from agents.models import Run, Step
 from agents.services import submit_run
 from agentsite import heartbeats
 from agentsite.heartbeats import celery_queues
-from tests.conftest import poll
+from harness.polling import poll
 
 ALL_QUEUES = ["default", "maintenance", "models", "tools"]
 

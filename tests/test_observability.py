@@ -31,7 +31,8 @@ from agentsite.middleware import route_label
 from agentsite.redaction import RedactingFilter
 from approvals.models import Approval
 from audittrail import writer as audit
-from tests.conftest import ROOT, _test_database_url
+from harness.processes import ROOT
+from tests.support.processes import suite_database_url
 from tools import metrics as tool_metrics
 
 pytestmark = pytest.mark.django_db
@@ -384,7 +385,7 @@ def test_processes_sharing_a_multiprocess_dir_are_added_up(tmp_path, known_route
         **os.environ,
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
         "DJANGO_SETTINGS_MODULE": "agentsite.settings",
-        "DATABASE_URL": _test_database_url(),
+        "DATABASE_URL": suite_database_url(),
         "DEBUG": "1",
     }
     count = (

@@ -3,7 +3,7 @@ tests.workercontrol``; never by a deployed worker).
 
 A test's database is flushed with TRUNCATE when the test ends, which deadlocked with the
 session's worker writing at the same moment. So before a flush the suite drains its workers
-(tests/conftest.py, WorkerProcess.drain): each forgets what it holds of the ended test (the
+(tests/support/processes.py, WorkerProcess.drain): each forgets what it holds of the ended test (the
 messages it reserved, the countdowns in its timer: revoked, so they are discarded when due) and
 says how many tasks still execute; the suite waits until none does and empties the queues. The
 worker goes on consuming: the next test's messages run as usual.

@@ -1,4 +1,4 @@
-"""The scenarios, each ``run(ctx, result)`` filling its ScenarioResult (raising BenchError when
+"""The scenarios, each ``run(ctx, result)`` filling its ScenarioResult (raising HarnessError when
 the bench breaks). ``api`` runs first, before any worker starts (its runs must stay queued);
 ``idle`` last, with beat added."""
 

@@ -29,10 +29,12 @@ import subprocess
 import sys
 from typing import Any
 
+from harness.polling import HarnessError
+from harness.processes import start_api
+
 from ..datastores import flush_redis, truncate_runs
 from ..options import ROOT
-from ..polling import BenchError
-from ..processes import CpuMeter, start_api
+from ..procstat import CpuMeter
 from ..stats import ratio
 from .base import Check, Context, ScenarioResult, cpu_breakdown, fmt, make_agent, progress
 
@@ -54,7 +56,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
     env = {**ctx.env, "AGENTSITE_API_RATE_LIMIT": "", "AGENTSITE_MAX_ACTIVE_RUNS_PER_KEY": "0"}
 
     progress(f"api: gunicorn with {opts.web_workers} uvicorn workers")
-    server = start_api(opts, env=env, logs=ctx.logs)
+    server = start_api(workers=opts.web_workers, env=env, logs=ctx.logs)
     try:
         _smoke_test(server.base_url, key, body)
         meter = CpuMeter(
@@ -118,7 +120,7 @@ def _smoke_test(base_url: str, key: str, body: str) -> None:
         text = answer.read().decode(errors="replace")
         conn.close()
         if answer.status != expected:
-            raise BenchError(
+            raise HarnessError(
                 f"{method} {path} answered {answer.status}, not {expected}: {text[:300]}"
             )
 
@@ -168,9 +170,9 @@ def _load(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise BenchError(f"the load generator ({method} {path}) did not finish in time") from None
+        raise HarnessError(f"the load generator ({method} {path}) did not finish in time") from None
     if done.returncode != 0:
-        raise BenchError(f"the load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        raise HarnessError(f"the load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
     used = meter.stop()
     spent = resource.getrusage(resource.RUSAGE_CHILDREN)
     used["loadgen"] = (spent.ru_utime + spent.ru_stime) - (children.ru_utime + children.ru_stime)

@@ -22,8 +22,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from harness.polling import Deadline, HarnessError, poll
+
 from ..datastores import KEY_PREFIX
-from ..polling import BenchError, Deadline, poll
 from ..stats import ratio, summary
 from .base import (
     Context,
@@ -57,7 +58,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
     reviewer.groups.add(Group.objects.get(name="reviewers"))
     reviewer = User.objects.get(pk=reviewer.pk)  # fresh permission cache
     if not can_decide(reviewer):
-        raise BenchError("the bench reviewer may not decide: is the 'reviewers' group migrated?")
+        raise HarnessError("the bench reviewer may not decide: is the 'reviewers' group migrated?")
     agent = make_agent(
         "bench-approval",
         route="scripted:bench",
@@ -119,7 +120,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
     result.baseline = f"no-op trip p50 {fmt(floors['p50'])} ms"
     result.ratio = ratio(trips["p50"], floors["p50"])
     if outcomes["failed"]:
-        raise BenchError(
+        raise HarnessError(
             f"{outcomes['failed']} of {count} approved runs did not succeed: {outcomes['errors']}"
         )
 
@@ -132,5 +133,5 @@ def _noop_round_trip(ctx: Context, replies: Any) -> float:
     answer = replies.blpop([key], timeout=30)
     if answer is None:
         ctx.alive()
-        raise BenchError("a no-op task did not answer within 30 s")
+        raise HarnessError("a no-op task did not answer within 30 s")
     return (float(answer[1]) - sent) * 1000

@@ -13,10 +13,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from harness.polling import Deadline, poll
+from harness.processes import FakeServer, Worker, check_all
+
 from ..options import Options
-from ..polling import Deadline, poll
 from ..probe import PROBE_KEY
-from ..processes import CpuMeter, FakeServer, RssSampler, Worker, check_all
+from ..procstat import CpuMeter, RssSampler
 from ..stats import summary
 
 STARTED = time.monotonic()
@@ -126,7 +128,7 @@ class Context:
     workers: list[Worker] = field(default_factory=list)
 
     def alive(self) -> None:
-        """BenchError if a worker or the fake server has died."""
+        """HarnessError if a worker or the fake server has died."""
         check_all([w.process for w in self.workers] + [self.fake.process])
 
     @property

@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from ..polling import BenchError, Deadline
+from harness.polling import Deadline, HarnessError
+
 from ..profiling import WorkerProfiler
 from ..stats import ratio, summary
 from .base import (
@@ -102,7 +103,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
     xacts = _transactions(ctx) - xacts_before
     outcomes = result.figures["outcomes"] = run_outcomes(agent)
     if outcomes["failed"]:
-        raise BenchError(
+        raise HarnessError(
             f"{outcomes['failed']} of {runs} runs did not succeed: {outcomes['errors']}"
         )
     steps = Step.objects.filter(run__agent=agent, status=Step.Status.SUCCEEDED).count()
@@ -165,7 +166,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
         Check("p95 overhead per step (unloaded)", unloaded_p95, "<=", 15, "ms"),
     ]
     if steps != runs * STEPS_PER_RUN:
-        raise BenchError(f"the runs made {steps} steps, not {runs * STEPS_PER_RUN}")
+        raise HarnessError(f"the runs made {steps} steps, not {runs * STEPS_PER_RUN}")
 
 
 def _unloaded(ctx: Context, runs: int) -> dict[str, Any]:

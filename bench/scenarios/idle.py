@@ -29,9 +29,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from harness.polling import Deadline, HarnessError
+from harness.processes import start_beat
+
 from ..datastores import transactions, truncate_runs, vacuum_analyze
-from ..polling import BenchError, Deadline
-from ..processes import cpu_seconds, start_beat
+from ..procstat import cpu_seconds
 from ..stats import ratio, summary
 from .base import Check, Context, ScenarioResult, fmt, make_agent, progress
 
@@ -80,7 +82,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
         _insert_finished_runs(agent, opts.idle_runs)
         inserted = Run.objects.filter(agent=agent, status=Run.Status.SUCCEEDED).count()
         if inserted != opts.idle_runs:
-            raise BenchError(f"inserted {inserted} finished runs, not {opts.idle_runs}")
+            raise HarnessError(f"inserted {inserted} finished runs, not {opts.idle_runs}")
         vacuum_analyze(Run._meta.db_table)
         progress(f"idle: {opts.idle_seconds:g} s with {opts.idle_runs} finished runs")
         full = _window(ctx, roots, opts.idle_seconds, alive)
@@ -111,7 +113,7 @@ def run(ctx: Context, result: ScenarioResult) -> None:
         _within_noise("CPU-s/s, full vs empty", full, empty, "cpu_per_s", CPU_SLACK),
     ]
     if not empty["periodic_tasks"].get("agents.reconcile_runs"):
-        raise BenchError("no reconciler pass ran in the first window: is beat running?")
+        raise HarnessError("no reconciler pass ran in the first window: is beat running?")
 
 
 def _within_noise(

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 
-from ..polling import BenchError, Deadline
-from ..processes import RssSampler
+from harness.polling import Deadline, HarnessError
+
+from ..procstat import RssSampler
 from ..stats import peak_overlap, ratio, summary
 from .base import (
     Check,
@@ -175,6 +176,6 @@ def run(ctx: Context, result: ScenarioResult) -> None:
         Check("failed runs", float(outcomes["failed"]), "<=", 0),
     ]
     if outcomes["failed"]:
-        raise BenchError(
+        raise HarnessError(
             f"{outcomes['failed']} of {runs} io runs did not succeed: {outcomes['errors']}"
         )

@@ -14,7 +14,7 @@ from agents.models import Agent, AgentVersion, ModelProvider, Run, Step
 from agents.providers import resolve_route
 from agents.services import start_session, submit_run
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools.models import KnowledgeDocument, OutboxMessage, Tool
 
 pytestmark = pytest.mark.django_db

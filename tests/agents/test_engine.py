@@ -13,7 +13,7 @@ from agents.exceptions import AgentNotFound, AgentUnavailable, InvalidRunInput, 
 from agents.models import Run, Step
 from agents.services import cancel_run, save_agent, start_session, submit_run
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 
 pytestmark = pytest.mark.django_db
 

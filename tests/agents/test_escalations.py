@@ -17,14 +17,7 @@ from agents.services import submit_run
 from approvals.models import Approval
 from approvals.services import DecisionError, NotAllowedToDecide, decide, expire_overdue
 from audittrail.models import AuditEvent
-from tests.conftest import drive
-
-
-@pytest.fixture
-def reviewer(db) -> User:
-    user = User.objects.create_user(username="rita", password="x", is_staff=True)
-    user.groups.add(Group.objects.get(name="reviewers"))
-    return User.objects.get(pk=user.pk)  # fresh permission cache
+from tests.support.engine import drive
 
 
 def held(run: Run) -> Approval:

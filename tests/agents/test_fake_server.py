@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from agents.providers.fake_server import FakeOpenAIServer, max_in_window
+from harness.fake_server import FakeOpenAIServer, max_in_window
 
 # No proxies: the server is always on 127.0.0.1.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -24,7 +24,7 @@ from agents.services import (
 )
 from agentsite import breaker
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 
 CALC = [{"name": "calculator", "arguments": {"expression": "6*7"}}]
 
@@ -500,7 +500,7 @@ def test_a_half_open_probe_taken_by_another_worker_parks_the_step(
     for _ in range(settings.AGENTSITE_BREAKER_FAILURES):
         breaker.record_failure(key)
     run = submit_run(agent=make_agent(model_route=route), input="x")
-    from tests.conftest import poll
+    from harness.polling import poll
 
     poll(lambda: breaker.status(key).state == breaker.HALF_OPEN, timeout=5)
     assert breaker.before_call(key).allowed  # another worker's probe is out

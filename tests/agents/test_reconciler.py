@@ -10,7 +10,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agents import reconciler
+from agents import reconciler, services
 from agents.models import Run, Step
 from agents.services import submit_run
 from audittrail.models import AuditEvent
@@ -52,7 +52,10 @@ def test_a_run_whose_step_a_live_worker_holds_is_not_nudged(make_agent):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_run_locked_by_another_reconciler_is_skipped(make_agent):
+def test_a_run_locked_by_another_reconciler_is_skipped(make_agent, monkeypatch):
+    # Committed, its advance_run would be taken by a session worker of this xdist process (one
+    # may be running): nothing is published, the run stays stalled until the reconciler's nudge.
+    monkeypatch.setattr(services, "advance_run_on_commit", lambda run_id: None)
     run = submit_run(agent=make_agent(), input="hello")
     stall(run)
     locked, release = threading.Event(), threading.Event()

@@ -13,7 +13,7 @@ from agents.exceptions import RunNotRetryable
 from agents.models import Run, Step
 from agents.services import retry_run, submit_run
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 
 CALL = [{"name": "calculator", "arguments": {"expression": "6*7"}}]
 

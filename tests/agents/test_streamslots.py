@@ -12,7 +12,7 @@ import redis
 
 from agents import streamslots
 from agentsite import rediskeys
-from tests.conftest import poll
+from harness.polling import poll
 
 
 @pytest.fixture

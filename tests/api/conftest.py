@@ -11,18 +11,11 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from rest_framework.test import APIClient
 
-from agents.models import Agent, ApiKey
+from agents.models import Agent
 from agents.services import create_api_key
-
-
-class KeyClient(APIClient):
-    """An APIClient that remembers the user and API key it authenticates with."""
-
-    user: User
-    api_key: ApiKey
-    plain_key: str
+from tests.support.api import KeyClient
+from tests.support.users import make_reviewer
 
 
 @pytest.fixture
@@ -59,28 +52,18 @@ def agent(make_agent: Callable[..., Agent]) -> Agent:
     return make_agent(slug="helper", script=[{"text": "Hello, {input}!"}])
 
 
-def assert_error(
-    response: Any, status: int, code: str | None = None, *, field: str | None = None
-) -> dict[str, Any]:
-    """The response has ``status`` and the one error shape; returns its ``error`` object."""
-    assert response.status_code == status, (response.status_code, response.content[:2000])
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"code", "message", "fields"}, error
-    assert isinstance(error["code"], str) and error["code"], error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error["fields"], dict), error
-    if code is not None:
-        assert error["code"] == code, error
-    if field is not None:
-        assert field in error["fields"], error
-        assert error["fields"][field] and all(isinstance(m, str) for m in error["fields"][field])
-    return error
+@pytest.fixture
+def make_reviewer_client(make_client: Callable[..., KeyClient]) -> Callable[..., KeyClient]:
+    """Clients of reviewers (``make_reviewer``: staff, in the ``reviewers`` group)."""
+    counter = iter(range(1, 1000))
+
+    def build(username: str = "") -> KeyClient:
+        return make_client(make_reviewer(username or f"reviewer-{next(counter)}"))
+
+    return build
 
 
-def nested(depth: int, leaf: str = "1", kind: str = "object") -> str:
-    """JSON text of ``depth`` nested objects (or arrays) around ``leaf``."""
-    if kind == "array":
-        return "[" * depth + leaf + "]" * depth
-    return '{"a": ' * depth + leaf + "}" * depth
+@pytest.fixture
+def reviewer_client(make_reviewer_client: Callable[..., KeyClient]) -> KeyClient:
+    """Rita's client: the ``reviewer`` fixture's user over the API (a reviewer's API key)."""
+    return make_reviewer_client("rita")

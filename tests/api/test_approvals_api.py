@@ -1,7 +1,7 @@
 """The review queue over HTTP: reviewers list escalations and decide them; nobody else sees them.
 
 Runs are submitted through the API by their owner (a client system, not a reviewer) and driven
-in-process with ``tests.conftest.drive`` until they wait for a reviewer; on_commit callbacks
+in-process with ``tests.support.engine.drive`` until they wait for a reviewer; on_commit callbacks
 never fire inside the test transaction, so a decision's resume is driven the same way.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from django.contrib.auth.models import Group, Permission, User
+from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.renderers import OpenApiJsonRenderer
@@ -25,8 +25,8 @@ from rest_framework.test import APIClient
 from agents.models import Run, Step
 from approvals.models import Approval
 from audittrail.models import AuditEvent
-from tests.api.conftest import KeyClient, assert_error, nested
-from tests.conftest import drive
+from tests.support.api import assert_error, nested
+from tests.support.engine import drive
 
 pytestmark = pytest.mark.django_db
 
@@ -67,23 +67,6 @@ def approval_url(approval_id: Any, tail: str = "") -> str:
 
 def decide(client: Any, approval_id: Any, body: Any) -> Any:
     return client.post(approval_url(approval_id, "decision/"), body, format="json")
-
-
-@pytest.fixture
-def make_reviewer(make_client: Callable[..., KeyClient]) -> Callable[..., KeyClient]:
-    counter = iter(range(1, 1000))
-
-    def build(username: str = "") -> KeyClient:
-        user = User.objects.create_user(username=username or f"reviewer-{next(counter)}")
-        user.groups.add(Group.objects.get(name="reviewers"))  # created by migrate
-        return make_client(user)
-
-    return build
-
-
-@pytest.fixture
-def reviewer(make_reviewer: Callable[..., KeyClient]) -> KeyClient:
-    return make_reviewer("rita")
 
 
 @pytest.fixture
@@ -130,12 +113,14 @@ def approval_events(run_id: str) -> list[str]:
 # --- the queue -------------------------------------------------------------------------------
 
 
-def test_a_reviewer_lists_pending_approvals_with_what_they_need_to_decide(reviewer, client_a, calc):
+def test_a_reviewer_lists_pending_approvals_with_what_they_need_to_decide(
+    reviewer_client, client_a, calc
+):
     run_id, approval = held(client_a)
     decided_run, decided = held(client_a, input="1+1")
-    assert decide(reviewer, decided.pk, {"decision": "approve"}).status_code == 200
+    assert decide(reviewer_client, decided.pk, {"decision": "approve"}).status_code == 200
 
-    response = reviewer.get(APPROVALS)
+    response = reviewer_client.get(APPROVALS)
 
     assert response.status_code == 200
     page = response.json()
@@ -170,10 +155,10 @@ def test_a_reviewer_lists_pending_approvals_with_what_they_need_to_decide(review
     }
 
 
-def test_an_answer_held_for_review_shows_the_proposed_output(reviewer, client_a, unsure):
+def test_an_answer_held_for_review_shows_the_proposed_output(reviewer_client, client_a, unsure):
     _, approval = held(client_a, "unsure", "q")
 
-    (item,) = reviewer.get(APPROVALS).json()["results"]
+    (item,) = reviewer_client.get(APPROVALS).json()["results"]
 
     assert item["id"] == str(approval.pk) and item["reason"] == "low_confidence"
     assert item["tool"] == "" and item["edit_with"] == "output"
@@ -181,7 +166,9 @@ def test_an_answer_held_for_review_shows_the_proposed_output(reviewer, client_a,
     assert item["proposed_output"] == {"answer": "maybe 41", "confidence": 0.3}
 
 
-def test_the_queue_is_most_urgent_first_then_soonest_due_then_oldest(reviewer, client_a, calc):
+def test_the_queue_is_most_urgent_first_then_soonest_due_then_oldest(
+    reviewer_client, client_a, calc
+):
     approvals = [held(client_a, input=f"{i}+1")[1] for i in range(5)]
     now = timezone.now()
     layout = [  # (priority, due in minutes); created in list order
@@ -197,14 +184,14 @@ def test_the_queue_is_most_urgent_first_then_soonest_due_then_oldest(reviewer, c
         )
     expected = [str(approvals[i].pk) for i in (1, 2, 4, 0, 3)]
 
-    assert ids(reviewer.get(APPROVALS)) == expected
-    first = reviewer.get(APPROVALS, {"limit": 2}).json()
+    assert ids(reviewer_client.get(APPROVALS)) == expected
+    first = reviewer_client.get(APPROVALS, {"limit": 2}).json()
     assert first["count"] == 5 and [a["id"] for a in first["results"]] == expected[:2]
     assert "offset=2" in first["next"]
-    assert ids(reviewer.get(first["next"])) == expected[2:4]
+    assert ids(reviewer_client.get(first["next"])) == expected[2:4]
 
 
-def test_the_queue_filters(reviewer, client_a, calc, unsure):
+def test_the_queue_filters(reviewer_client, client_a, calc, unsure):
     _, tool = held(client_a)
     _, answer = held(client_a, "unsure", "q")
     _, urgent = held(client_a, input="2+2")
@@ -212,11 +199,11 @@ def test_the_queue_filters(reviewer, client_a, calc, unsure):
     _, done = held(client_a, input="4+4")
     Approval.objects.filter(pk=urgent.pk).update(priority=Approval.Priority.URGENT)
     Approval.objects.filter(pk=late.pk).update(due_at=timezone.now() - timedelta(minutes=1))
-    assert decide(reviewer, done.pk, {"decision": "approve"}).status_code == 200
+    assert decide(reviewer_client, done.pk, {"decision": "approve"}).status_code == 200
     pending = {str(a.pk) for a in (tool, answer, urgent, late)}
 
     def listed(**filters: str) -> set[str]:
-        return set(ids(reviewer.get(APPROVALS, filters)))
+        return set(ids(reviewer_client.get(APPROVALS, filters)))
 
     assert listed() == pending == listed(status="pending")
     assert listed(status="approved") == {str(done.pk)}
@@ -234,7 +221,7 @@ def test_the_queue_filters(reviewer, client_a, calc, unsure):
     assert listed(overdue="false") == pending - {str(late.pk)}
     assert listed(overdue="true", status="approved") == set()
     assert listed(agent="calc", priority="normal", overdue="false") == {str(tool.pk)}
-    (item,) = reviewer.get(APPROVALS, {"overdue": "true"}).json()["results"]
+    (item,) = reviewer_client.get(APPROVALS, {"overdue": "true"}).json()["results"]
     assert item["overdue"] is True
 
 
@@ -253,36 +240,38 @@ def test_the_queue_filters(reviewer, client_a, calc, unsure):
         ({"assignee": "me"}, "assignee"),
     ],
 )
-def test_an_invalid_filter_answers_400_naming_it(reviewer, client_a, calc, filters, field):
+def test_an_invalid_filter_answers_400_naming_it(reviewer_client, client_a, calc, filters, field):
     held(client_a)
 
-    error = assert_error(reviewer.get(APPROVALS, filters), 400, "invalid", field=field)
+    error = assert_error(reviewer_client.get(APPROVALS, filters), 400, "invalid", field=field)
 
     assert error["message"].startswith(f"{field}: ")
 
 
-def test_a_reviewer_reads_one_approval_whatever_its_status(reviewer, client_a, calc):
+def test_a_reviewer_reads_one_approval_whatever_its_status(reviewer_client, client_a, calc):
     _, approval = held(client_a)
-    listed = reviewer.get(APPROVALS).json()["results"][0]
+    listed = reviewer_client.get(APPROVALS).json()["results"][0]
 
-    response = reviewer.get(approval_url(approval.pk))
+    response = reviewer_client.get(approval_url(approval.pk))
 
     assert response.status_code == 200 and response.json() == listed
-    decide(reviewer, approval.pk, {"decision": "approve", "comment": "fine"})
-    body = reviewer.get(approval_url(approval.pk)).json()
+    decide(reviewer_client, approval.pk, {"decision": "approve", "comment": "fine"})
+    body = reviewer_client.get(approval_url(approval.pk)).json()
     assert body["status"] == "approved" and body["comment"] == "fine"
 
 
+# A fixed unknown id: xdist requires every process to collect the same test ids.
 @pytest.mark.parametrize(
-    "approval_id", [str(uuid.uuid4()), "0123456789abcdef0123456789abcdef-", "-" * 36]
+    "approval_id",
+    ["6f1c2a9e-3b4d-4e8f-9a7b-1c2d3e4f5a6b", "0123456789abcdef0123456789abcdef-", "-" * 36],
 )
-def test_an_unknown_approval_answers_404(reviewer, approval_id):
-    assert_error(reviewer.get(approval_url(approval_id)), 404, "not_found")
-    assert_error(decide(reviewer, approval_id, {"decision": "approve"}), 404, "not_found")
+def test_an_unknown_approval_answers_404(reviewer_client, approval_id):
+    assert_error(reviewer_client.get(approval_url(approval_id)), 404, "not_found")
+    assert_error(decide(reviewer_client, approval_id, {"decision": "approve"}), 404, "not_found")
 
 
-def test_a_non_uuid_path_is_not_an_approval(reviewer):
-    assert_error(reviewer.get(approval_url("not-an-id")), 404, "not_found")
+def test_a_non_uuid_path_is_not_an_approval(reviewer_client):
+    assert_error(reviewer_client.get(approval_url("not-an-id")), 404, "not_found")
 
 
 # --- who may see and decide ------------------------------------------------------------------
@@ -345,41 +334,51 @@ def test_a_viewer_sees_the_queue_but_may_not_decide(make_client, client_a, calc)
     assert approval.status == Approval.Status.PENDING
 
 
-def test_a_reviewer_may_not_decide_on_a_run_they_submitted(reviewer, calc):
-    _, approval = held(reviewer)  # submitted with the reviewer's own key
+def test_a_reviewer_may_not_decide_on_a_run_they_submitted(reviewer_client, calc):
+    _, approval = held(reviewer_client)  # submitted with the reviewer's own key
 
-    error = assert_error(decide(reviewer, approval.pk, {"decision": "approve"}), 403, "forbidden")
+    error = assert_error(
+        decide(reviewer_client, approval.pk, {"decision": "approve"}), 403, "forbidden"
+    )
 
     assert "four-eyes" in error["message"]
     approval.refresh_from_db()
     assert approval.status == Approval.Status.PENDING and approval.decided_by is None
-    assert reviewer.get(approval_url(approval.pk)).status_code == 200  # they may still see it
+    assert (
+        reviewer_client.get(approval_url(approval.pk)).status_code == 200
+    )  # they may still see it
 
 
-def test_self_approval_is_allowed_when_configured(reviewer, calc, settings):
+def test_self_approval_is_allowed_when_configured(reviewer_client, calc, settings):
     settings.AGENTSITE_ALLOW_SELF_APPROVAL = True
-    run_id, approval = held(reviewer)
+    run_id, approval = held(reviewer_client)
 
-    response = decide(reviewer, approval.pk, {"decision": "approve"})
+    response = decide(reviewer_client, approval.pk, {"decision": "approve"})
 
     assert response.status_code == 200, response.content
     assert response.json()["status"] == "approved" and response.json()["decided_by"] == "rita"
     assert drive(run_id).status == Run.Status.SUCCEEDED
 
 
-def test_another_reviewer_decides_the_reviewers_own_run(reviewer, make_reviewer, calc):
-    _, approval = held(reviewer)
+def test_another_reviewer_decides_the_reviewers_own_run(
+    reviewer_client, make_reviewer_client, calc
+):
+    _, approval = held(reviewer_client)
 
-    assert decide(make_reviewer(), approval.pk, {"decision": "approve"}).status_code == 200
+    assert decide(make_reviewer_client(), approval.pk, {"decision": "approve"}).status_code == 200
 
 
 # --- deciding --------------------------------------------------------------------------------
 
 
-def test_approving_answers_the_decided_approval_and_the_run_goes_on(reviewer, client_a, calc):
+def test_approving_answers_the_decided_approval_and_the_run_goes_on(
+    reviewer_client, client_a, calc
+):
     run_id, approval = held(client_a)
 
-    response = decide(reviewer, approval.pk, {"decision": "approve", "comment": "looks right"})
+    response = decide(
+        reviewer_client, approval.pk, {"decision": "approve", "comment": "looks right"}
+    )
 
     assert response.status_code == 200
     body = response.json()
@@ -397,14 +396,14 @@ def test_approving_answers_the_decided_approval_and_the_run_goes_on(reviewer, cl
     owner_view = client_a.get(f"/api/v1/runs/{run_id}/").json()
     assert owner_view["status"] == "succeeded" and "42" in str(owner_view["result"])
     assert owner_view["pending_approval"] is None
-    assert reviewer.get(approval_url(approval.pk)).json()["run"]["status"] == "succeeded"
+    assert reviewer_client.get(approval_url(approval.pk)).json()["run"]["status"] == "succeeded"
 
 
-def test_editing_runs_the_reviewers_arguments(reviewer, client_a, calc):
+def test_editing_runs_the_reviewers_arguments(reviewer_client, client_a, calc):
     run_id, approval = held(client_a)
 
     response = decide(
-        reviewer, approval.pk, {"decision": "edit", "arguments": {"expression": "6*8"}}
+        reviewer_client, approval.pk, {"decision": "edit", "arguments": {"expression": "6*8"}}
     )
 
     assert response.status_code == 200, response.content
@@ -429,11 +428,11 @@ def test_editing_runs_the_reviewers_arguments(reviewer, client_a, calc):
     ],
 )
 def test_edit_with_invalid_arguments_answers_400_and_decides_nothing(
-    reviewer, client_a, calc, body, code
+    reviewer_client, client_a, calc, body, code
 ):
     run_id, approval = held(client_a)
 
-    error = assert_error(decide(reviewer, approval.pk, body), 400, code, field="arguments")
+    error = assert_error(decide(reviewer_client, approval.pk, body), 400, code, field="arguments")
 
     assert set(error["fields"]) == {"arguments"}
     approval.refresh_from_db()
@@ -442,7 +441,9 @@ def test_edit_with_invalid_arguments_answers_400_and_decides_nothing(
     assert approval_events(run_id) == ["approval.requested"]
 
 
-def test_arguments_that_break_the_grant_are_refused_like_the_models(reviewer, client_a, make_agent):
+def test_arguments_that_break_the_grant_are_refused_like_the_models(
+    reviewer_client, client_a, make_agent
+):
     make_agent(
         slug="narrow",
         grants={
@@ -456,7 +457,7 @@ def test_arguments_that_break_the_grant_are_refused_like_the_models(reviewer, cl
     _, approval = held(client_a, "narrow", "6*7")
 
     body = {"decision": "edit", "arguments": {"expression": "123456*2"}}
-    error = assert_error(decide(reviewer, approval.pk, body), 400, "invalid_decision")
+    error = assert_error(decide(reviewer_client, approval.pk, body), 400, "invalid_decision")
 
     assert "break the agent's grant" in error["fields"]["arguments"][0]
     approval.refresh_from_db()
@@ -464,12 +465,14 @@ def test_arguments_that_break_the_grant_are_refused_like_the_models(reviewer, cl
 
 
 @pytest.mark.parametrize("comment", [None, "", "   "])
-def test_rejecting_without_a_comment_answers_400_naming_comment(reviewer, client_a, calc, comment):
+def test_rejecting_without_a_comment_answers_400_naming_comment(
+    reviewer_client, client_a, calc, comment
+):
     run_id, approval = held(client_a)
     body = {"decision": "reject"} if comment is None else {"decision": "reject", "comment": comment}
 
     error = assert_error(
-        decide(reviewer, approval.pk, body), 400, "invalid_decision", field="comment"
+        decide(reviewer_client, approval.pk, body), 400, "invalid_decision", field="comment"
     )
 
     assert "comment" in error["message"]
@@ -478,10 +481,12 @@ def test_rejecting_without_a_comment_answers_400_naming_comment(reviewer, client
     assert approval_events(run_id) == ["approval.requested"]
 
 
-def test_rejecting_with_a_comment_tells_the_model_and_the_tool_never_runs(reviewer, client_a, calc):
+def test_rejecting_with_a_comment_tells_the_model_and_the_tool_never_runs(
+    reviewer_client, client_a, calc
+):
     run_id, approval = held(client_a)
 
-    response = decide(reviewer, approval.pk, {"decision": "reject", "comment": "not today"})
+    response = decide(reviewer_client, approval.pk, {"decision": "reject", "comment": "not today"})
 
     assert response.status_code == 200
     assert response.json()["status"] == "rejected" and response.json()["comment"] == "not today"
@@ -493,16 +498,19 @@ def test_rejecting_with_a_comment_tells_the_model_and_the_tool_never_runs(review
     assert "a human reviewer rejected this call: not today" in run.result
 
 
-def test_a_second_decision_answers_409_and_changes_nothing(reviewer, make_reviewer, client_a, calc):
+def test_a_second_decision_answers_409_and_changes_nothing(
+    reviewer_client, make_reviewer_client, client_a, calc
+):
     run_id, approval = held(client_a)
     assert (
-        decide(reviewer, approval.pk, {"decision": "approve", "comment": "ok"}).status_code == 200
+        decide(reviewer_client, approval.pk, {"decision": "approve", "comment": "ok"}).status_code
+        == 200
     )
 
     for client, body in [
-        (reviewer, {"decision": "approve"}),
-        (make_reviewer(), {"decision": "reject", "comment": "too late"}),
-        (make_reviewer(), {"decision": "edit", "arguments": {"expression": "1+1"}}),
+        (reviewer_client, {"decision": "approve"}),
+        (make_reviewer_client(), {"decision": "reject", "comment": "too late"}),
+        (make_reviewer_client(), {"decision": "edit", "arguments": {"expression": "1+1"}}),
     ]:
         error = assert_error(decide(client, approval.pk, body), 409, "already_decided")
         assert "already approved by rita" in error["message"]
@@ -513,14 +521,16 @@ def test_a_second_decision_answers_409_and_changes_nothing(reviewer, make_review
     assert approval_events(run_id) == ["approval.requested", "approval.approved"]
 
 
-def test_an_approval_cancelled_with_its_run_cannot_be_decided(reviewer, client_a, calc):
+def test_an_approval_cancelled_with_its_run_cannot_be_decided(reviewer_client, client_a, calc):
     run_id, approval = held(client_a)
     assert client_a.post(f"/api/v1/runs/{run_id}/cancel/").status_code == 202
 
-    assert_error(decide(reviewer, approval.pk, {"decision": "approve"}), 409, "already_decided")
-    assert reviewer.get(approval_url(approval.pk)).json()["status"] == "cancelled"
-    assert ids(reviewer.get(APPROVALS)) == []
-    assert ids(reviewer.get(APPROVALS, {"status": "cancelled"})) == [str(approval.pk)]
+    assert_error(
+        decide(reviewer_client, approval.pk, {"decision": "approve"}), 409, "already_decided"
+    )
+    assert reviewer_client.get(approval_url(approval.pk)).json()["status"] == "cancelled"
+    assert ids(reviewer_client.get(APPROVALS)) == []
+    assert ids(reviewer_client.get(APPROVALS, {"status": "cancelled"})) == [str(approval.pk)]
 
 
 @pytest.mark.parametrize(
@@ -537,11 +547,11 @@ def test_an_approval_cancelled_with_its_run_cannot_be_decided(reviewer, client_a
     ],
 )
 def test_an_invalid_decision_body_answers_400_naming_the_field(
-    reviewer, client_a, calc, body, field
+    reviewer_client, client_a, calc, body, field
 ):
     run_id, approval = held(client_a)
 
-    assert_error(decide(reviewer, approval.pk, body), 400, "invalid", field=field)
+    assert_error(decide(reviewer_client, approval.pk, body), 400, "invalid", field=field)
 
     approval.refresh_from_db()
     assert approval.status == Approval.Status.PENDING
@@ -549,10 +559,10 @@ def test_an_invalid_decision_body_answers_400_naming_the_field(
 
 
 @pytest.mark.parametrize("raw", ['{"decision": "approve"', "approve", "", "{'decision': 1}"])
-def test_a_malformed_json_body_answers_400(reviewer, client_a, calc, raw):
+def test_a_malformed_json_body_answers_400(reviewer_client, client_a, calc, raw):
     _, approval = held(client_a)
 
-    response = reviewer.post(
+    response = reviewer_client.post(
         approval_url(approval.pk, "decision/"), raw, content_type="application/json"
     )
 
@@ -595,11 +605,11 @@ def test_a_malformed_json_body_answers_400(reviewer, client_a, calc, raw):
     ],
 )
 def test_a_decision_body_too_deep_or_with_a_lone_surrogate_answers_400(
-    reviewer, client_a, calc, raw, field, words
+    reviewer_client, client_a, calc, raw, field, words
 ):
     run_id, approval = held(client_a)
 
-    response = reviewer.post(
+    response = reviewer_client.post(
         approval_url(approval.pk, "decision/"), raw, content_type="application/json"
     )
 
@@ -619,11 +629,11 @@ def test_a_decision_body_too_deep_or_with_a_lone_surrogate_answers_400(
     ],
 )
 def test_an_edited_output_too_deep_or_with_a_lone_surrogate_answers_400(
-    reviewer, client_a, unsure, output
+    reviewer_client, client_a, unsure, output
 ):
     run_id, approval = held(client_a, "unsure", "q")
 
-    response = reviewer.post(
+    response = reviewer_client.post(
         approval_url(approval.pk, "decision/"),
         '{"decision": "edit", "output": ' + output + "}",
         content_type="application/json",
@@ -637,10 +647,10 @@ def test_an_edited_output_too_deep_or_with_a_lone_surrogate_answers_400(
 
 
 @pytest.mark.parametrize("body", [["approve"], "approve", 1, None, True])
-def test_a_json_body_that_is_not_an_object_answers_400(reviewer, client_a, calc, body):
+def test_a_json_body_that_is_not_an_object_answers_400(reviewer_client, client_a, calc, body):
     _, approval = held(client_a)
 
-    response = reviewer.post(
+    response = reviewer_client.post(
         approval_url(approval.pk, "decision/"),
         json.dumps(body),
         content_type="application/json",
@@ -652,10 +662,10 @@ def test_a_json_body_that_is_not_an_object_answers_400(reviewer, client_a, calc,
     assert approval.status == Approval.Status.PENDING
 
 
-def test_an_unreadable_content_type_answers_415(reviewer, client_a, calc):
+def test_an_unreadable_content_type_answers_415(reviewer_client, client_a, calc):
     _, approval = held(client_a)
 
-    response = reviewer.post(
+    response = reviewer_client.post(
         approval_url(approval.pk, "decision/"), {"decision": "approve"}, format="multipart"
     )
 
@@ -668,20 +678,25 @@ def test_an_unreadable_content_type_answers_415(reviewer, client_a, calc):
 
 
 def test_editing_a_held_answer_finishes_the_run_with_the_reviewers_output(
-    reviewer, client_a, unsure
+    reviewer_client, client_a, unsure
 ):
     run_id, approval = held(client_a, "unsure", "q")
     assert_error(
-        decide(reviewer, approval.pk, {"decision": "edit", "arguments": {"a": 1}}),
+        decide(reviewer_client, approval.pk, {"decision": "edit", "arguments": {"a": 1}}),
         400,
         "invalid",
         field="arguments",
     )
     assert_error(
-        decide(reviewer, approval.pk, {"decision": "edit"}), 400, "invalid_decision", field="output"
+        decide(reviewer_client, approval.pk, {"decision": "edit"}),
+        400,
+        "invalid_decision",
+        field="output",
     )
 
-    response = decide(reviewer, approval.pk, {"decision": "edit", "output": {"answer": "42"}})
+    response = decide(
+        reviewer_client, approval.pk, {"decision": "edit", "output": {"answer": "42"}}
+    )
 
     assert response.status_code == 200, response.content
     assert response.json()["approved_output"] == {"answer": "42"}
@@ -689,10 +704,10 @@ def test_editing_a_held_answer_finishes_the_run_with_the_reviewers_output(
     assert run.status == Run.Status.SUCCEEDED and run.result == {"answer": "42"}
 
 
-def test_rejecting_a_held_answer_fails_the_run(reviewer, client_a, unsure):
+def test_rejecting_a_held_answer_fails_the_run(reviewer_client, client_a, unsure):
     run_id, approval = held(client_a, "unsure", "q")
 
-    response = decide(reviewer, approval.pk, {"decision": "reject", "comment": "wrong"})
+    response = decide(reviewer_client, approval.pk, {"decision": "reject", "comment": "wrong"})
 
     assert response.status_code == 200 and response.json()["status"] == "rejected"
     run = Run.objects.get(pk=run_id)
@@ -702,16 +717,18 @@ def test_rejecting_a_held_answer_fails_the_run(reviewer, client_a, unsure):
 # --- rate limit and schema -------------------------------------------------------------------
 
 
-def test_the_request_rate_limit_covers_the_approvals_api(make_reviewer, client_a, calc, settings):
+def test_the_request_rate_limit_covers_the_approvals_api(
+    make_reviewer_client, client_a, calc, settings
+):
     _, approval = held(client_a)
     settings.AGENTSITE_API_RATE_LIMIT = "2/minute"
     assert settings.REDIS_URL, "the rate limit counts in Redis: run with `make test`"
-    reviewer = make_reviewer()
+    reviewer_client = make_reviewer_client()
 
-    assert reviewer.get(APPROVALS).status_code == 200
-    assert reviewer.get(approval_url(approval.pk)).status_code == 200
+    assert reviewer_client.get(APPROVALS).status_code == 200
+    assert reviewer_client.get(approval_url(approval.pk)).status_code == 200
 
-    response = decide(reviewer, approval.pk, {"decision": "approve"})
+    response = decide(reviewer_client, approval.pk, {"decision": "approve"})
     assert_error(response, 429, "throttled")
     assert int(response["Retry-After"]) >= 1
     approval.refresh_from_db()
@@ -754,45 +771,45 @@ def documented() -> Callable[[str, str], set[int]]:
 
 
 def test_the_schema_documents_every_status_the_approvals_api_answers(
-    documented, reviewer, make_reviewer, client_a, calc, settings
+    documented, reviewer_client, make_reviewer_client, client_a, calc, settings
 ):
     _, approval = held(client_a)
-    _, own = held(reviewer)
+    _, own = held(reviewer_client)
     anonymous = APIClient()
     unknown = uuid.uuid4()
     item, decision = "/api/v1/approvals/{id}/", "/api/v1/approvals/{id}/decision/"
     answered = [
-        ("GET", APPROVALS, reviewer.get(APPROVALS)),
-        ("GET", APPROVALS, reviewer.get(APPROVALS, {"status": "x"})),
+        ("GET", APPROVALS, reviewer_client.get(APPROVALS)),
+        ("GET", APPROVALS, reviewer_client.get(APPROVALS, {"status": "x"})),
         ("GET", APPROVALS, anonymous.get(APPROVALS)),
         ("GET", APPROVALS, client_a.get(APPROVALS)),
-        ("GET", item, reviewer.get(approval_url(approval.pk))),
+        ("GET", item, reviewer_client.get(approval_url(approval.pk))),
         ("GET", item, anonymous.get(approval_url(approval.pk))),
         ("GET", item, client_a.get(approval_url(approval.pk))),
-        ("GET", item, reviewer.get(approval_url(unknown))),
-        ("POST", decision, decide(reviewer, approval.pk, {"decision": "x"})),
+        ("GET", item, reviewer_client.get(approval_url(unknown))),
+        ("POST", decision, decide(reviewer_client, approval.pk, {"decision": "x"})),
         (
             "POST",
             decision,
-            reviewer.post(approval_url(approval.pk, "decision/"), {}, format="multipart"),
+            reviewer_client.post(approval_url(approval.pk, "decision/"), {}, format="multipart"),
         ),
         (
             "POST",
             decision,
-            reviewer.post(
+            reviewer_client.post(
                 approval_url(approval.pk, "decision/"),
                 '"' + "x" * settings.AGENTSITE_MAX_REQUEST_BYTES + '"',
                 content_type="application/json",
             ),
         ),
         ("POST", decision, decide(anonymous, approval.pk, {"decision": "approve"})),
-        ("POST", decision, decide(reviewer, own.pk, {"decision": "approve"})),
+        ("POST", decision, decide(reviewer_client, own.pk, {"decision": "approve"})),
         ("POST", decision, decide(client_a, approval.pk, {"decision": "approve"})),
-        ("POST", decision, decide(reviewer, approval.pk, {"decision": "approve"})),
-        ("POST", decision, decide(reviewer, approval.pk, {"decision": "approve"})),
+        ("POST", decision, decide(reviewer_client, approval.pk, {"decision": "approve"})),
+        ("POST", decision, decide(reviewer_client, approval.pk, {"decision": "approve"})),
     ]
     settings.AGENTSITE_API_RATE_LIMIT = "1/minute"
-    throttled = make_reviewer()
+    throttled = make_reviewer_client()
     throttled.get(APPROVALS)
     answered += [
         ("GET", APPROVALS, throttled.get(APPROVALS)),
@@ -826,11 +843,11 @@ def test_the_schema_documents_the_queue_filters_and_the_decision_body(documented
     assert set(schema["components"]["schemas"]["Approval"]["properties"]) == APPROVAL_FIELDS
 
 
-def test_options_follows_the_same_rules(reviewer, client_a, calc):
+def test_options_follows_the_same_rules(reviewer_client, client_a, calc):
     _, approval = held(client_a)
 
-    assert reviewer.options(APPROVALS).status_code == 200
-    assert reviewer.options(approval_url(approval.pk)).status_code == 200
+    assert reviewer_client.options(APPROVALS).status_code == 200
+    assert reviewer_client.options(approval_url(approval.pk)).status_code == 200
     assert_error(client_a.options(APPROVALS), 403, "permission_denied")
     assert_error(client_a.options(approval_url(approval.pk)), 404, "not_found")
     assert_error(client_a.options(approval_url(approval.pk, "decision/")), 404, "not_found")

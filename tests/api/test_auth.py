@@ -14,7 +14,7 @@ from agents import apikeys
 from agents.models import ApiKey, Run
 from agents.services import revoke_api_key, submit_run
 from audittrail.models import AuditEvent
-from tests.api.conftest import assert_error
+from tests.support.api import assert_error
 
 pytestmark = pytest.mark.django_db
 

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from agents import apikeys
 from agentsite import rediskeys
 from agentsite.clientaddress import client_address
-from tests.api.conftest import assert_error
+from tests.support.api import assert_error
 from tests.test_settings import _import_settings
 
 pytestmark = pytest.mark.django_db

@@ -1,7 +1,8 @@
 """The runs API over HTTP (DRF's APIClient), against the real test database.
 
 No worker is involved: inside the test transaction on_commit callbacks never fire, so nothing is
-published, and runs are advanced in-process with ``tests.conftest.drive`` where a test needs it.
+published, and runs are advanced in-process with ``tests.support.engine.drive`` where a test
+needs it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from agents.models import Run, Session
 from agentsite import outbound, rediskeys
 from agentsite.pagination import ClampedLimitOffsetPagination
 from audittrail.models import AuditEvent
-from tests.api.conftest import assert_error, nested
-from tests.conftest import drive
+from tests.support.api import assert_error, nested
+from tests.support.engine import drive
 
 pytestmark = pytest.mark.django_db
 

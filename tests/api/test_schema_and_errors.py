@@ -14,8 +14,8 @@ from rest_framework.test import APIClient
 from agents.models import Agent, Run
 from agents.services import save_agent
 from approvals.models import Approval
-from tests.api.conftest import assert_error
-from tests.conftest import drive
+from tests.support.api import assert_error
+from tests.support.engine import drive
 
 pytestmark = pytest.mark.django_db
 
@@ -173,7 +173,7 @@ def test_the_schema_documents_bearer_auth(schema):
 
 def run_representations(client, agent) -> list[dict]:
     """A queued, a succeeded and a cancelled run, as the API renders them."""
-    from tests.conftest import drive
+    from tests.support.engine import drive
 
     def submit() -> str:
         response = client.post("/api/v1/runs/", {"agent": "helper", "input": "x"}, format="json")

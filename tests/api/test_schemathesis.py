@@ -32,7 +32,7 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 
 from agents.models import Agent, Run
 from agents.services import create_api_key, submit_run
-from tests.conftest import poll
+from harness.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

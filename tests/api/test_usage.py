@@ -6,8 +6,8 @@ from decimal import Decimal
 
 from agents.models import ModelPrice, Run
 from agents.services import submit_run
-from tests.api.conftest import assert_error
-from tests.conftest import drive
+from tests.support.api import assert_error
+from tests.support.engine import drive
 
 
 def test_usage_is_summed_per_agent_version_key_and_model(client_a, client_b, make_agent):

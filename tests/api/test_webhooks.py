@@ -14,7 +14,8 @@ from agents import webhooks
 from agents.models import Run
 from agents.services import submit_run
 from audittrail.models import AuditEvent
-from tests.conftest import LOOPBACK_NETWORKS, drive
+from tests.support.engine import drive
+from tests.support.processes import LOOPBACK_NETWORKS
 
 pytestmark = pytest.mark.django_db
 

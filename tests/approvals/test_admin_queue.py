@@ -13,7 +13,7 @@ from io import StringIO
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import Group, Permission, User
+from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
@@ -23,12 +23,12 @@ from approvals.models import Approval
 from approvals.services import decide
 from audittrail.models import AuditEvent
 from tests.agents.test_admin import form_data, messages_of
-from tests.conftest import drive
+from tests.support.engine import drive
+from tests.support.users import REVIEWER_PASSWORD, make_reviewer
 
 pytestmark = pytest.mark.django_db
 
 QUEUE = "/admin/approvals/approval/"
-PASSWORD = "review-pass-93xq"
 CALC = [
     {"tool_calls": [{"name": "calculator", "arguments": {"expression": "{input}"}}]},
     {"text": "{tool_results}"},
@@ -45,21 +45,10 @@ SCHEMA = {
 }
 
 
-def make_reviewer(username: str) -> User:
-    user = User.objects.create_user(username=username, password=PASSWORD, is_staff=True)
-    user.groups.add(Group.objects.get(name="reviewers"))
-    return User.objects.get(pk=user.pk)  # a fresh permission cache
-
-
-@pytest.fixture
-def reviewer(db: None) -> User:
-    return make_reviewer("rita")
-
-
 @pytest.fixture
 def rclient(client: Any, reviewer: User) -> Any:
     """The test client, logged in as the reviewer (with the password, as a person would)."""
-    assert client.login(username="rita", password=PASSWORD)
+    assert client.login(username="rita", password=REVIEWER_PASSWORD)
     return client
 
 
@@ -524,8 +513,8 @@ def test_a_request_for_help_is_answered_on_the_page(make_agent, rclient):
 
 def test_staff_without_the_reviewers_group_cannot_see_the_queue(make_agent, client):
     approval = hold(calc_agent(make_agent))
-    User.objects.create_user(username="sam", password=PASSWORD, is_staff=True)
-    assert client.login(username="sam", password=PASSWORD)
+    User.objects.create_user(username="sam", password=REVIEWER_PASSWORD, is_staff=True)
+    assert client.login(username="sam", password=REVIEWER_PASSWORD)
 
     assert client.get(QUEUE).status_code == 403
     assert client.get(page(approval)).status_code == 403
@@ -553,9 +542,9 @@ def test_reviewers_see_the_queue_and_nothing_else(rclient):
 
 def test_viewing_without_the_decide_permission_shows_the_page_but_no_decision(make_agent, client):
     approval = hold(calc_agent(make_agent))
-    viewer = User.objects.create_user(username="vic", password=PASSWORD, is_staff=True)
+    viewer = User.objects.create_user(username="vic", password=REVIEWER_PASSWORD, is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_approval"))
-    assert client.login(username="vic", password=PASSWORD)
+    assert client.login(username="vic", password=REVIEWER_PASSWORD)
 
     queue = client.get(QUEUE)
     assert listed(queue) == [approval]

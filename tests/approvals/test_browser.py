@@ -19,7 +19,8 @@ from django.contrib.auth.models import Group, User
 from agents.models import Agent, Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
-from tests.conftest import ROOT, poll
+from harness.polling import poll
+from harness.processes import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"

@@ -19,7 +19,7 @@ from agents.models import Run, Step
 from agents.services import submit_run
 from approvals.models import Approval
 from audittrail.models import AuditEvent
-from tests.conftest import poll
+from harness.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -7,8 +7,7 @@ from django.db import DatabaseError, connection
 
 from audittrail import chain
 from audittrail.models import AuditEvent, AuditSeal
-
-from .conftest import add_events
+from tests.support.audittrail import add_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

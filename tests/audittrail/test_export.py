@@ -13,8 +13,7 @@ from django.utils import timezone
 from agents.services import submit_run
 from audittrail import chain
 from audittrail.models import AuditEvent, AuditSeal, SealHorizon
-
-from .conftest import add_events
+from tests.support.audittrail import add_events
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -17,8 +17,7 @@ from agentsite.celery import app
 from audittrail import chain
 from audittrail.models import AuditEvent, AuditSeal
 from audittrail.tasks import seal_audit
-
-from .conftest import add_events, verify
+from tests.support.audittrail import add_events, verify
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

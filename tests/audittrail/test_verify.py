@@ -15,8 +15,7 @@ from django.db import connection
 
 from audittrail import chain
 from audittrail.models import AuditEvent, AuditSeal
-
-from .conftest import add_events, triggers_off, verify
+from tests.support.audittrail import add_events, triggers_off, verify
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

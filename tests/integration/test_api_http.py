@@ -26,7 +26,7 @@ from django.db import OperationalError
 from agents import webhooks
 from agents.models import Run
 from agents.services import create_api_key
-from tests.conftest import poll
+from harness.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

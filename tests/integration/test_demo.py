@@ -16,18 +16,19 @@ from django.core.management import call_command
 
 from agents.models import Run
 from approvals.models import Approval
-from tests.conftest import ROOT, _test_database_url, _uses_real_services
+from harness.processes import ROOT
+from tests.support.processes import suite_database_url, uses_real_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def test_the_demo_runs_every_agent_to_success_including_a_reviewed_refund():
-    if not _uses_real_services():
+    if not uses_real_services():
         pytest.skip("needs Postgres and Redis: run it with `make test`")
     call_command("seed_demo", stdout=io.StringIO())
     env = {
         **os.environ,
-        "DATABASE_URL": _test_database_url(),
+        "DATABASE_URL": suite_database_url(),
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         # Queues of its own: the demo's worker and the session's worker (which has the test
         # tools, the demo's has not) never take each other's tasks.

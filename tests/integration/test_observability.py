@@ -29,17 +29,10 @@ from agents.services import create_api_key
 from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import decide
-from tests.conftest import (
-    ROOT,
-    ApiServer,
-    WorkerProcess,
-    _free_port,
-    _test_database_url,
-    poll,
-    start_api_server,
-    stop_process,
-)
+from harness.polling import poll
+from harness.processes import ROOT, free_port, stop_process
 from tests.otlp_collector import OtlpCollector
+from tests.support.processes import ApiServer, WorkerProcess, start_api_server, suite_database_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -92,7 +85,7 @@ def observed_worker(
     """A worker exporting spans, logging JSON and serving metrics; (worker, metrics URL)."""
 
     celery_worker.hold("models", "tools")
-    port = _free_port()
+    port = free_port()
     env = {
         **celery_worker.env,
         **_otel_env(collector),
@@ -419,10 +412,10 @@ def test_every_gunicorn_worker_answers_for_all_of_them(django_db_setup, tmp_path
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-        "DATABASE_URL": _test_database_url(),
+        "DATABASE_URL": suite_database_url(),
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
     }
     log = tmp_path / "gunicorn.log"

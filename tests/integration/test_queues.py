@@ -13,7 +13,9 @@ import pytest
 from agents.models import Run
 from agents.services import submit_run
 from agentsite import heartbeats
-from tests.conftest import WorkerProcess, poll, stop_process
+from harness.polling import poll
+from harness.processes import stop_process
+from tests.support.processes import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -34,10 +34,11 @@ import pytest
 
 from agents import services
 from agents.models import Agent, ModelProvider, Run, Step
-from agents.providers.fake_server import FakeOpenAIServer, max_in_window
 from agents.services import submit_run
 from audittrail.models import AuditEvent
-from tests.conftest import WorkerProcess, poll
+from harness.fake_server import FakeOpenAIServer, max_in_window
+from harness.polling import poll
+from tests.support.processes import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

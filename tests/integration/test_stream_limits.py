@@ -22,8 +22,10 @@ from agents import apikeys, streamslots
 from agents.models import Agent, ApiKey, Run
 from agents.services import create_api_key, submit_run
 from agentsite import rediskeys
-from tests.conftest import ApiServer, _uses_real_services, poll, start_api_server, stop_process
+from harness.polling import poll
+from harness.processes import stop_process
 from tests.integration.test_api_http import STREAM_TIMEOUT, sse_frames
+from tests.support.processes import ApiServer, start_api_server, uses_real_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -46,7 +48,7 @@ def start(tmp_path_factory: pytest.TempPathFactory, name: str) -> ApiServer:
 def servers(
     django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ApiServer, ApiServer]]:
-    if not _uses_real_services():
+    if not uses_real_services():
         pytest.skip("integration tests need Postgres and Redis: run them with `make test`")
     first = start(tmp_path_factory, "api-a")
     try:

@@ -13,7 +13,8 @@ import pytest
 from agents.models import Run, Step
 from agents.services import submit_run
 from agentsite.celery import app
-from tests.conftest import WorkerProcess, poll, purge_queues
+from harness.polling import poll
+from tests.support.processes import WorkerProcess, purge_queues
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -20,7 +20,7 @@ from agents.reconciler import reconcile_stalled_runs
 from agents.services import submit_run
 from agentsite import breaker
 from audittrail.models import AuditEvent
-from tests.conftest import poll
+from harness.polling import poll
 from tools.models import OutboxMessage
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]

@@ -27,7 +27,8 @@ from agents.models import Run, Step
 from agents.services import submit_run
 from agentsite import rediskeys
 from agentsite.celery import app
-from tests.conftest import WorkerProcess, poll
+from harness.polling import poll
+from tests.support.processes import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -11,7 +11,7 @@ import pytest
 
 from agents.models import Run, Step
 from agents.services import submit_run
-from tests.conftest import poll
+from harness.polling import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, _free_port, poll
+from harness.polling import poll
+from harness.processes import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ def evicting_redis(tmp_path: Path):
         pytest.skip("redis-server is not installed")
     import redis
 
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             binary,

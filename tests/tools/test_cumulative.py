@@ -19,7 +19,7 @@ from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import DecisionError, decide
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools.constraints import constraint_errors
 from tools.models import OutboxMessage
 from tools.registry import registry

@@ -17,7 +17,7 @@ from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import AlreadyDecided, DecisionError, decide
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools import policy
 from tools.models import OutboxMessage, Tool, ToolGrant
 from tools.registry import ToolSpec, registry

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from agentsite import outbound
-from tests.conftest import LOOPBACK_NETWORKS
+from tests.support.processes import LOOPBACK_NETWORKS
 from tools import http as http_tool
 from tools.http import HttpGetArgs, _same_host_redirect, http_get
 from tools.registry import (

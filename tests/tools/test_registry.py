@@ -15,7 +15,7 @@ from agents.engine import execute_tool_call
 from agents.models import Run, Step
 from agents.services import submit_run
 from audittrail.models import AuditEvent
-from tests.conftest import drive
+from tests.support.engine import drive
 from tools.registry import (
     ToolArgumentsInvalid,
     ToolContext,

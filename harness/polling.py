@@ -1,4 +1,4 @@
-"""Waiting for something with a deadline, never a fixed sleep; and the error for a broken bench."""
+"""Waiting for something with a deadline, never a fixed sleep; and the error when it fails."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-class BenchError(Exception):
-    """The bench itself broke (a run failed, a process died, a deadline passed): exit non-zero.
-    A missed target is not one of these."""
+class HarnessError(AssertionError):
+    """What the harness started or waited for broke (a process died, a deadline passed): the
+    bench and the chaos suite exit non-zero, a test fails. A missed bench target is not one."""
 
 
 class Deadline:
@@ -27,19 +27,23 @@ class Deadline:
 
     def check(self) -> None:
         if time.monotonic() > self.at:
-            raise BenchError(f"timed out after {self.seconds:g} s waiting for {self.what}")
+            raise HarnessError(f"timed out after {self.seconds:g}s waiting for {self.what}")
 
 
 def poll(
     predicate: Callable[[], T | None],
-    deadline: Deadline,
+    deadline: Deadline | None = None,
     *,
+    timeout: float = 30.0,
+    what: str = "",
     interval: float = 0.05,
     alive: Callable[[], None] | None = None,
 ) -> T:
     """The first truthy value of ``predicate()``, polled every ``interval`` seconds; raise
-    BenchError once ``deadline`` passes, or as soon as ``alive()`` (a liveness check of the
-    processes doing the work) raises."""
+    HarnessError once ``deadline`` (or ``timeout`` seconds, waiting for ``what``) passes, or as
+    soon as ``alive()`` (a liveness check of the processes doing the work) raises."""
+    if deadline is None:
+        deadline = Deadline(timeout, what or repr(predicate))
     while True:
         value = predicate()
         if value:

@@ -33,7 +33,7 @@ Rate-limit tests check what reached the "provider"::
 
 Command line::
 
-    python -m agents.providers.fake_server --host 127.0.0.1 --port 8765 \\
+    python -m harness.fake_server --host 127.0.0.1 --port 8765 \\
         [--latency-ms N] [--error-rate X] [--error-status N]
 
 prints the base URL on one line and serves until SIGINT/SIGTERM.
@@ -740,7 +740,7 @@ def max_in_window(times: Iterable[float], window: float) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: serve until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m agents.providers.fake_server",
+        prog="python -m harness.fake_server",
         description="Fake OpenAI-compatible chat-completions server.",
     )
     parser.add_argument("--host", default="127.0.0.1")
