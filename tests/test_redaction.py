@@ -16,8 +16,9 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from agents import apikeys, audit
+from agents import apikeys
 from agentsite.redaction import FAILED, RedactingFilter, redact
+from audittrail import writer as audit
 from audittrail.models import AuditEvent
 
 # --- E-mail -----------------------------------------------------------------------------------
