@@ -77,16 +77,17 @@ browser-deps:
 # Best effort: without apt, root or the network, the browser test skips and says why.
 test: venv services
 	@$(MAKE) --no-print-directory browser-deps || echo "chromium not installed: browser test will skip"
-	DEBUG=1 AGENTSITE_ENV_FILE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	DEBUG=1 AGENTSITE_ENV_FILE= PYTHONDONTWRITEBYTECODE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 	  AGENTSITE_TEST_DB_NAME=$(TEST_DB_NAME) AGENTSITE_REDIS_KEY_PREFIX=$(TEST_REDIS_KEY_PREFIX) \
 	  $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # Day-to-day: what needs no Celery worker, API server or deployment of its own (the tests marked
 # integration, or grouped as processes by tests/support/parallel.py).
 test-fast: venv services
-	DEBUG=1 AGENTSITE_ENV_FILE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+	DEBUG=1 AGENTSITE_ENV_FILE= PYTHONDONTWRITEBYTECODE= DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 	  AGENTSITE_TEST_DB_NAME=$(TEST_DB_NAME) AGENTSITE_REDIS_KEY_PREFIX=$(TEST_REDIS_KEY_PREFIX) \
-	  $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not integration and not processes" $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not integration and not processes" \
+	  --ignore=tests/integration --ignore=tests/approvals/test_browser.py --reuse-db $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.test.utils import override_settings
 from pytest_django.fixtures import validate_django_db
 
 from agents.models import Agent
@@ -61,6 +62,19 @@ def fake_openai() -> Iterator[FakeOpenAIServer]:
     server = FakeOpenAIServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheaper_test_process() -> Iterator[None]:
+    """Two costs the suite pays per test and production pays once or never:
+    - users are created and log in by the hundred: one PBKDF2 iteration, not a million
+      (tests/support/hashers.py); servers started by a test still verify these passwords;
+    - every test client builds the middleware afresh, and WhiteNoise (DEBUG off under
+      pytest-django) would scan every static file of every app each time: it looks a file up
+      when it is asked for instead, as it does in development."""
+    hashers = ["tests.support.hashers.OneIterationPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
+    with override_settings(PASSWORD_HASHERS=hashers, WHITENOISE_AUTOREFRESH=True):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -16,29 +16,20 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from agentsite import breaker, rediskeys
+from harness.polling import poll
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
-FAILURES, WINDOW, COOLDOWN = 3, 5, 1
-
-
-def poll(predicate: Callable[[], T | None], *, timeout: float = 10.0, what: str = "") -> T:
-    """The first truthy value of ``predicate()``, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
+# Cooldowns and windows of a fraction of a second: the breaker counts in milliseconds (Redis
+# TIME), and each test waits out a few of them.
+FAILURES, WINDOW, COOLDOWN = 3, 5, 0.5
 
 
 def redis_url(settings: Any) -> str:
@@ -138,7 +129,7 @@ def test_an_open_circuit_refuses_calls(tool: str) -> None:
 
 
 def test_failures_older_than_the_window_do_not_count(tool: str, settings: Any) -> None:
-    settings.AGENTSITE_BREAKER_WINDOW = 1
+    settings.AGENTSITE_BREAKER_WINDOW = 0.5
     for _ in range(FAILURES - 1):
         breaker.record_failure(tool)
     assert breaker.status(tool).failures == FAILURES - 1
@@ -152,10 +143,10 @@ def test_failures_older_than_the_window_do_not_count(tool: str, settings: Any) -
 
 
 def test_the_window_slides_each_failure_ages_out_on_its_own(tool: str, settings: Any) -> None:
-    settings.AGENTSITE_BREAKER_WINDOW = 2
+    settings.AGENTSITE_BREAKER_WINDOW = 1
     breaker.record_failure(tool)
-    # Not waiting for an outcome, only spacing the two failures' timestamps a second apart.
-    time.sleep(1)
+    # Not waiting for an outcome, only spacing the two failures' timestamps half a window apart.
+    time.sleep(0.5)
     breaker.record_failure(tool)
     # The first ages out while the second still counts (a counter expiring a window after the
     # last failure would drop from 2 straight to 0).
