@@ -3,9 +3,11 @@ once on an open circuit, held for a reviewer, or sent to run in parallel)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from agents.dispatch import advance_run_on_commit, tool_call_on_commit
 from agents.models import Run, Step
-from agents.providers import ModelResponse
+from agents.providers import ModelResponse, ToolCallRequest
 from approvals import escalation
 from approvals.models import Approval
 from audittrail import writer as audit
@@ -35,76 +37,76 @@ def record_tool_calls(run: Run, model_step: Step, response: ModelResponse) -> No
         )
         return
     live = policy.live_grants(run.agent_id)
-    dispatched = held = 0
-    for offset, call in enumerate(response.tool_calls, start=1):
-        verdict = policy.authorize(
-            run,
-            call.name,
-            call.arguments,
-            arguments_error=call.arguments_error,
-            live=live,
-            step_index=model_step.index + offset,
-        )
-        if verdict.refusal:
-            status = Step.Status.REFUSED
-        elif verdict.unavailable:
-            status = Step.Status.FAILED
-        elif verdict.mode == "require_approval" or call.name == ESCALATE_TOOL:
-            status = Step.Status.AWAITING_APPROVAL
-        else:
-            status = Step.Status.PENDING
-        step = Step.objects.create(
-            run=run,
-            index=model_step.index + offset,
-            kind=Step.Kind.TOOL,
-            parent_index=model_step.index,
-            status=status,
-            tool_name=call.name[:100],
-            tool_call_id=call.id[:200],
-            request=ToolStepRequest(arguments=call.arguments).to_json(),
-            error=verdict.refusal or verdict.unavailable,
-            finished_at=now() if not verdict.allowed else None,
-        )
-        if verdict.refusal:
-            audit.record(
-                AuditAction.TOOL_CALL_REFUSED,
-                run=run,
-                step_index=step.index,
-                payload={"tool": call.name, "reason": verdict.refusal},
-            )
-            continue
-        if verdict.unavailable:
-            audit.record(
-                AuditAction.TOOL_CALL_SHORT_CIRCUITED,
-                run=run,
-                step_index=step.index,
-                payload={"tool": call.name, "reason": verdict.unavailable},
-            )
-            continue
-        assert verdict.spec is not None
-        audit.record(
-            AuditAction.TOOL_CALL_REQUESTED,
-            run=run,
-            step_index=step.index,
-            by=audit.Actor.agent(model_step.model_route or run.model_route),
-            payload={"tool": call.name, "call_id": call.id, "mode": verdict.mode},
-        )
-        if status == Step.Status.AWAITING_APPROVAL and call.name == ESCALATE_TOOL:
-            arguments = call.arguments if isinstance(call.arguments, dict) else {}
-            escalation.request_tool_approval(
-                run,
-                step,
-                reason=Approval.Reason.MODEL_REQUESTED,
-                detail=str(arguments.get("reason") or "the model asked for a human"),
-            )
-            held += 1
-        elif status == Step.Status.AWAITING_APPROVAL:
-            escalation.request_tool_approval(run, step, detail=verdict.approval_reason)
-            held += 1
-        else:
-            tool_call_on_commit(run.pk, step.index, timeout=verdict.spec.timeout)
-            dispatched += 1
+    fates = [
+        _decide(run, model_step, model_step.index + offset, call, live)
+        for offset, call in enumerate(response.tool_calls, start=1)
+    ]
+    held, dispatched = fates.count("held"), fates.count("dispatched")
     if held:
         transitions.wait_for_review(run, payload={"approvals": held})
     elif not dispatched:
         advance_run_on_commit(run.pk)  # let the model read the refusals and failures
+
+
+def _decide(run: Run, model_step: Step, index: int, call: ToolCallRequest, live: Any) -> str:
+    """One call's step, decided: "refused", "failed" (its circuit is open), "held" for a
+    reviewer, or "dispatched" to a worker."""
+    verdict = policy.authorize(
+        run,
+        call.name,
+        call.arguments,
+        arguments_error=call.arguments_error,
+        live=live,
+        step_index=index,
+    )
+    held = verdict.mode == "require_approval" or call.name == ESCALATE_TOOL
+    if verdict.refusal:
+        status = Step.Status.REFUSED
+    elif verdict.unavailable:
+        status = Step.Status.FAILED
+    else:
+        status = Step.Status.AWAITING_APPROVAL if held else Step.Status.PENDING
+    step = Step.objects.create(
+        run=run,
+        index=index,
+        kind=Step.Kind.TOOL,
+        parent_index=model_step.index,
+        status=status,
+        tool_name=call.name[:100],
+        tool_call_id=call.id[:200],
+        request=ToolStepRequest(arguments=call.arguments).to_json(),
+        error=verdict.refusal or verdict.unavailable,
+        finished_at=now() if not verdict.allowed else None,
+    )
+    if verdict.refusal or verdict.unavailable:
+        audit.record(
+            AuditAction.TOOL_CALL_REFUSED
+            if verdict.refusal
+            else AuditAction.TOOL_CALL_SHORT_CIRCUITED,
+            run=run,
+            step_index=index,
+            payload={"tool": call.name, "reason": verdict.refusal or verdict.unavailable},
+        )
+        return "refused" if verdict.refusal else "failed"
+    assert verdict.spec is not None
+    audit.record(
+        AuditAction.TOOL_CALL_REQUESTED,
+        run=run,
+        step_index=index,
+        by=audit.Actor.agent(model_step.model_route or run.model_route),
+        payload={"tool": call.name, "call_id": call.id, "mode": verdict.mode},
+    )
+    if held and call.name == ESCALATE_TOOL:
+        arguments = call.arguments if isinstance(call.arguments, dict) else {}
+        escalation.request_tool_approval(
+            run,
+            step,
+            reason=Approval.Reason.MODEL_REQUESTED,
+            detail=str(arguments.get("reason") or "the model asked for a human"),
+        )
+        return "held"
+    if held:
+        escalation.request_tool_approval(run, step, detail=verdict.approval_reason)
+        return "held"
+    tool_call_on_commit(run.pk, index, timeout=verdict.spec.timeout)
+    return "dispatched"
