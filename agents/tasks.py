@@ -75,17 +75,20 @@ class StepTask(CheckedTask):  # type: ignore[misc]
             logger.error("%s: run %s failed: %s: %s", self.name, run_id, type(exc).__name__, exc)
 
 
-@shared_task(
-    name="agents.advance_run",
-    base=StepTask,
-    bind=True,
-    acks_late=True,
-    autoretry_for=DB_ERRORS,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=8,
-)
+# The two tasks that perform a run's steps: late acks, and Celery's own retries for a database
+# outage only (the engine counts the step's attempts in Postgres).
+STEP_TASK_OPTIONS: dict[str, Any] = {
+    "base": StepTask,
+    "acks_late": True,
+    "autoretry_for": DB_ERRORS,
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+@shared_task(name="agents.advance_run", bind=True, **STEP_TASK_OPTIONS)
 def advance_run(self: object, run_id: str) -> None:
     """Decide and perform the next step of a run (a model call, or enqueueing tool calls).
 
@@ -103,16 +106,8 @@ def advance_run(self: object, run_id: str) -> None:
         advance_run_on_commit(run_id, countdown=outcome.retry_in)
 
 
-@shared_task(
-    name="tools.execute_tool_call",  # its name since the first wave: messages in flight run
-    base=StepTask,
-    acks_late=True,
-    autoretry_for=DB_ERRORS,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=8,
-)
+# Its name since the first wave (messages in flight during an upgrade still run).
+@shared_task(name="tools.execute_tool_call", **STEP_TASK_OPTIONS)
 def execute_tool_call(run_id: str, step_index: int) -> None:
     """Run one tool step (time limits are the tool's, set by the publisher) and nudge the run.
 
