@@ -295,7 +295,7 @@ def _decide_answer(
             by=actor,
             payload={**payload, "effect": "another budget"},
         )
-        return  # _resume_if_nothing_held resumes it; the engine counts the new allowance
+        return  # transitions.resume_after_review resumes it; the engine counts the allowance
     if decision == Decision.EDIT and output is None:
         raise DecisionError("edit needs the answer to return", field="output")
     proposed = approval.proposed_output if decision == Decision.APPROVE else output

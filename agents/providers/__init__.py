@@ -44,8 +44,8 @@ def resolve_route(route: str) -> tuple[ModelProvider, str]:
 
     A provider edited in the admin wins over the environment's entry of the same name.
     """
-    # Here, not at the top: the adapters are imported without Django set up (bench, and
-    # ``python -m agents.providers.fake_server`` imports this package first).
+    # Here, not at the top: importing the adapters (base, openai_compat, scripted) does not
+    # need Django's app registry, only resolving a route through the database does.
     from agents.models import ModelProvider as ProviderRow
     from agents.secretbox import SecretUnreadable, decrypt
 
