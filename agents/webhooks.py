@@ -25,6 +25,7 @@ from agentsite import outbound
 from audittrail import writer as audit
 from audittrail.actions import AuditAction
 
+from .api.serializers import RunSerializer
 from .exceptions import InvalidRunInput
 from .models import Run
 
@@ -117,8 +118,6 @@ class WebhookFailed(Exception):
 def deliver(run_id: str, *, attempt: int, final_attempt: bool) -> None:
     """POST the run's final representation to its webhook. Raises WebhookFailed to retry."""
     import httpx
-
-    from .api.serializers import RunSerializer
 
     run = Run.objects.select_related("agent", "agent_version", "session").filter(pk=run_id).first()
     if run is None or not run.webhook_url or not run.is_final:

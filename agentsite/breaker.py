@@ -315,14 +315,7 @@ _local = _Local()
 
 def status(tool: str) -> BreakerState:
     """The tool's circuit now, read-only: never takes the half-open probe."""
-    if not settings.REDIS_URL:
-        return _local.check(tool, take_probe=False)
-    return _on_redis(
-        "status",
-        tool,
-        lambda r: _state(tool, r.check(keys=_keys(tool), args=_args("0"))),
-        _closed(tool),
-    )
+    return _check("status", tool, take_probe=False)
 
 
 def before_call(tool: str) -> BreakerState:
@@ -331,12 +324,17 @@ def before_call(tool: str) -> BreakerState:
     Closed: allowed. Open: refused. Half-open: allowed for exactly one caller across all
     processes (the probe), which must then report with ``record_success``/``record_failure``.
     """
+    return _check("before_call", tool, take_probe=True)
+
+
+def _check(action: str, tool: str, *, take_probe: bool) -> BreakerState:
     if not settings.REDIS_URL:
-        return _local.check(tool, take_probe=True)
+        return _local.check(tool, take_probe=take_probe)
+    probe = "1" if take_probe else "0"
     return _on_redis(
-        "before_call",
+        action,
         tool,
-        lambda r: _state(tool, r.check(keys=_keys(tool), args=_args("1"))),
+        lambda r: _state(tool, r.check(keys=_keys(tool), args=_args(probe))),
         _closed(tool),
     )
 

@@ -8,6 +8,8 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import InvalidTaskError
 from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
     beat_init,
     before_task_publish,
     task_postrun,
@@ -245,6 +247,15 @@ def _flush_traces(**kwargs: Any) -> None:
     from . import tracing
 
     tracing.shutdown()
+
+
+@after_setup_logger.connect(weak=False, dispatch_uid="agentsite.redact")
+@after_setup_task_logger.connect(weak=False, dispatch_uid="agentsite.redact.task")
+def _log_as_configured(logger: logging.Logger, **kwargs: Any) -> None:
+    """Celery's own handlers get LOGGING's context, redaction and format (agentsite.logs)."""
+    from . import logs
+
+    logs.filter_celery_handlers(logger)
 
 
 @beat_init.connect

@@ -17,7 +17,10 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from opentelemetry import trace
+
+from .redaction import RedactingFilter, redact
 
 # The context fields, in the order a line shows them.
 FIELDS = ("run_id", "step", "agent", "task", "task_id", "trace_id", "span_id")
@@ -137,10 +140,20 @@ class TextFormatter(logging.Formatter):
 def _redacted_traceback(text: str) -> str:
     """A traceback's lines quote values (an exception's message, the arguments a frame shows):
     redacted like the message."""
-    from .redaction import redact
-
     return str(redact(text))
 
 
 def formatter(kind: str) -> logging.Formatter:
     return JsonFormatter() if kind == "json" else TextFormatter()
+
+
+def filter_celery_handlers(logger: logging.Logger) -> None:
+    """A Celery worker replaces the root logger's handlers (worker_hijack_root_logger) with
+    its own, which LOGGING's filters and formatter never reach: give those the context and the
+    redacting filter (in that order), and the format LOGGING has (AGENTSITE_LOG_FORMAT)."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.filters.insert(0, ContextFilter())
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+        handler.setFormatter(formatter(settings.AGENTSITE_LOG_FORMAT))

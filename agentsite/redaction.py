@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from celery.signals import after_setup_logger, after_setup_task_logger
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
@@ -281,25 +280,3 @@ class RedactingFilter(logging.Filter):
         if isinstance(data, dict):  # the structured fields of a line (agentsite.logs)
             record.data = redact(data)
         return True
-
-
-def _filter_celery_handlers(logger: logging.Logger, **kwargs: Any) -> None:
-    """A Celery worker replaces the root logger's handlers (worker_hijack_root_logger) with
-    its own, which LOGGING's filters and formatter never reach: give those the context and the
-    redacting filter (in that order), and the format LOGGING has (AGENTSITE_LOG_FORMAT)."""
-    from django.conf import settings
-
-    from .logs import ContextFilter, formatter
-
-    for handler in logger.handlers:
-        if not any(isinstance(f, ContextFilter) for f in handler.filters):
-            handler.filters.insert(0, ContextFilter())
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
-        handler.setFormatter(formatter(settings.AGENTSITE_LOG_FORMAT))
-
-
-after_setup_logger.connect(_filter_celery_handlers, weak=False, dispatch_uid="agentsite.redact")
-after_setup_task_logger.connect(
-    _filter_celery_handlers, weak=False, dispatch_uid="agentsite.redact.task"
-)

@@ -39,6 +39,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .logs import bound
+from .metrics import agent_slug
 from .redaction import redact
 
 if TYPE_CHECKING:
@@ -203,9 +205,6 @@ def run_span(
     message (the reconciler, a reviewer's request) every step of a run is in one trace.
 
     The logs written within carry the run's id and agent too (agentsite.logs)."""
-    from .logs import bound
-    from .metrics import agent_slug
-
     trace_id, _ = current_ids()
     parent = None
     links = None
@@ -232,8 +231,6 @@ def task_started(task: Any, task_id: str) -> None:
     """A task begins: a consumer span continuing the message's ``traceparent`` (if any), current
     until the task ends, and log lines that name the task."""
     from contextlib import ExitStack
-
-    from .logs import bound
 
     request = task.request
     carrier = {k: v for k in ("traceparent", "tracestate") if isinstance(v := request.get(k), str)}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from django.db import transaction
 from django.utils import timezone
 
+from .models import Tool
 from .registry import registry
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ def sync_tools(*, using: str = "default") -> SyncReport:
     A changed definition (description, schema, risk, limits) bumps the tool's version. Rows are
     never deleted, and the operators' ``enabled`` switch is left as they set it. Idempotent.
     """
-    from .models import Tool
-
     report = SyncReport()
     now = timezone.now()
     with transaction.atomic(using=using):

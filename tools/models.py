@@ -7,7 +7,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import models
 
-from .registry import MODES, RISKS
+from .constraints import constraint_errors
+from .registry import MODES, RISKS, registry
 
 
 class Tool(models.Model):
@@ -77,9 +78,6 @@ class ToolGrant(models.Model):
         return f"{self.agent_id}:{self.tool_id} ({self.mode})"
 
     def clean(self) -> None:
-        from .constraints import constraint_errors
-        from .registry import registry
-
         if self.tool_id is None:
             return
         spec = registry.get(self.tool.name)
