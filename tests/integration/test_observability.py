@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from agentsite import breaker
 from approvals.models import Approval
 from approvals.services import decide
 from harness.polling import poll
-from harness.processes import ROOT, free_port, stop_process
+from harness.processes import free_port, start_api, stop_process
 from tests.otlp_collector import OtlpCollector
 from tests.support.processes import ApiServer, WorkerProcess, start_api_server, suite_database_url
 
@@ -412,45 +411,17 @@ def test_every_gunicorn_worker_answers_for_all_of_them(django_db_setup, tmp_path
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
         "DATABASE_URL": suite_database_url(),
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
     }
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "agentsite.asgi:application",
-                "--worker-class",
-                "uvicorn_worker.UvicornWorker",
-                "--workers",
-                "2",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--config",
-                "gunicorn.conf.py",
-            ],  # fmt: skip
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
+    server = start_api(workers=2, env=env, logs=tmp_path)  # as deployed: gunicorn.conf.py
+    process = server.process.popen
+    base = server.base_url
     # gunicorn.conf.py gives this gunicorn a directory of its own (named by the master's pid).
     metrics_dir = Path(tempfile.gettempdir()) / f"agentsite-metrics-web-{process.pid}"
     try:
-        poll(
-            lambda: process.poll() is not None or _answers(f"{base}/healthz"),
-            timeout=60,
-            what="gunicorn",
-        )
-        assert process.poll() is None, log.read_text()
         before = value(scrape(f"{base}/metrics"), *HEALTHZ[0], **HEALTHZ[1])
 
         def hit(_: int) -> int:
